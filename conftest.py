@@ -1,0 +1,59 @@
+"""Test-session set-up shared by tests/ and benchmarks/.
+
+* Without a CUDA device, Triton kernels run under the interpreter (``TRITON_INTERPRET=1``) on CPU
+  tensors. It must be set before triton is imported, hence here.
+* ``--benchmark`` turns on the benchmark suites in ``benchmarks/`` (skipped otherwise so plain
+  ``pytest`` stays fast); ``--bench-dir`` is where their JSON/CSV go; ``--bench-full`` runs the
+  full-size shapes even on CPU.
+"""
+
+import os
+
+try:
+    import torch
+
+    _HAS_CUDA = torch.cuda.is_available()
+except ImportError:  # collection errors will say so
+    _HAS_CUDA = False
+if not _HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+
+def pytest_addoption(parser):
+    parser.addoption("--benchmark", action="store_true", default=False,
+                     help="run the benchmark suites in benchmarks/ and print the latency/MFU table")
+    parser.addoption("--bench-dir", default="bench_results", help="folder for the benchmark JSON/CSV")
+    parser.addoption("--bench-full", action="store_true", default=False,
+                     help="full-size benchmark shapes even without a GPU")
+
+
+def pytest_configure(config):
+    # Filled by benchmarks/conftest.py: harness rows and (peak, device) of this session.
+    config.onerec_bench_rows = []
+    config.onerec_bench_peak = None
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--benchmark"):
+        return
+    skip = pytest.mark.skip(reason="benchmark: run with --benchmark")
+    for item in items:
+        if "benchmark_case" in item.keywords:
+            item.add_marker(skip)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    rows = config.onerec_bench_rows
+    if not rows:
+        return
+    from onerec_fast.perf.harness import environment, format_table, write_results
+
+    peak, device = config.onerec_bench_peak
+    env = environment(device, peak)
+    terminalreporter.write_sep("=", "onerec_fast benchmarks")
+    terminalreporter.write_line(" ".join(f"{k}={v}" for k, v in env.items()))
+    terminalreporter.write_line(format_table(rows, peak))
+    j, c = write_results(rows, env, config.getoption("--bench-dir"))
+    terminalreporter.write_line(f"results: {j} {c}")

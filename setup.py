@@ -1,0 +1,78 @@
+"""Build for onerec_fast.
+
+Pure Python + Triton always; the CUDA extension ``onerec_fast._C`` (every ``csrc/**/*.cu`` plus
+``csrc/bindings.cpp``) only when a CUDA-enabled torch and nvcc are present.
+
+Environment:
+  ONEREC_FAST_NO_CUDA=1       skip the CUDA extension even where it could be built
+  TORCH_CUDA_ARCH_LIST=...    architectures to build for (default "9.0a": Hopper with wgmma)
+  MAX_JOBS=N                  parallel nvcc jobs (ninja)
+
+Install without build isolation (``pip install --no-build-isolation -e .``) so the build sees the
+torch already installed instead of downloading another one.
+"""
+
+import glob
+import os
+import shutil
+import sys
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _say(msg: str) -> None:
+    print(f"onerec_fast setup: {msg}", file=sys.stderr)
+
+
+def _cuda_extension():
+    """Return ([ext_modules], cmdclass) for the CUDA extension, or ([], {}) with the reason said once."""
+    if os.environ.get("ONEREC_FAST_NO_CUDA", "0") not in ("", "0"):
+        _say("ONEREC_FAST_NO_CUDA is set: building pure Python + Triton + reference")
+        return [], {}
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
+    except ImportError as e:
+        _say(f"torch not importable at build time ({e}): building pure Python + Triton + reference")
+        return [], {}
+    if torch.version.cuda is None:
+        _say(f"torch {torch.__version__} is a CPU build: building pure Python + Triton + reference")
+        return [], {}
+    if CUDA_HOME is None or shutil.which("nvcc") is None and not os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc")):
+        _say("nvcc not found: building pure Python + Triton + reference")
+        return [], {}
+    # Every .cu under csrc/ is torch-free (kernels + launchers); every .cpp is a thin torch binding.
+    cu = sorted(glob.glob(os.path.join("csrc", "**", "*.cu"), recursive=True))
+    sources = cu + sorted(glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True))
+    if not cu:
+        _say("no CUDA sources: building pure Python + Triton + reference")
+        return [], {}
+    arch = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0a")
+    _say(f"building CUDA extension onerec_fast._C for TORCH_CUDA_ARCH_LIST={arch} from {len(sources)} sources")
+    ext = CUDAExtension(
+        name="onerec_fast._C",
+        sources=sources,
+        include_dirs=[os.path.join(ROOT, "csrc")],
+        define_macros=[("ONEREC_FAST_ARCH_LIST", f'"{arch}"')],
+        extra_compile_args={
+            "cxx": ["-O3", "-std=c++17"],
+            "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"],
+        },
+    )
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = _cuda_extension()
+
+packages = find_packages(include=["onerec_fast", "onerec_fast.*"]) + ["onerec_fast.kernels"]
+
+setup(
+    packages=packages,
+    # Triton kernels live in the top-level kernels/ folder and ship as onerec_fast.kernels.
+    package_dir={"onerec_fast.kernels": "kernels"},
+    package_data={"onerec_fast": ["perf/configs/*.json"], "onerec_fast.kernels": ["configs/*.json"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
