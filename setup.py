@@ -56,9 +56,12 @@ def _cuda_extension():
         sources=sources,
         include_dirs=[os.path.join(ROOT, "csrc")],
         define_macros=[("ONEREC_FAST_ARCH_LIST", f'"{arch}"')],
+        # No -std flag: torch's cpp_extension adds the standard torch itself was built with (C++20 for
+        # torch >= 2.10). Forcing C++17 changed the layout of torch classes seen by the bindings and
+        # segfaulted the first exception thrown from them (seen on the H200, torch 2.11).
         extra_compile_args={
-            "cxx": ["-O3", "-std=c++17"],
-            "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"],
+            "cxx": ["-O3"],
+            "nvcc": ["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"],
         },
     )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# One command on a GPU machine: build the CUDA extension, run the GPU tests, run the CUDA-kernel tests
+# under compute-sanitizer (memcheck + racecheck), then the benchmark suites. Logs and tables go to OUTDIR.
+#
+#   benchmarks/run_gpu.sh OUTDIR [STAGES]
+#
+# STAGES (default "build test sanitize bench model") picks a subset, e.g. "build bench".
+# Needs: CUDA torch, triton, nvcc, ninja, pytest, pytest-benchmark (all on the H200 image).
+set -uo pipefail
+OUT=${1:?usage: benchmarks/run_gpu.sh OUTDIR [STAGES]}
+STAGES=${2:-build test sanitize bench model}
+mkdir -p "$OUT"
+cd "$(dirname "$0")/.."
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a} MAX_JOBS=${MAX_JOBS:-16} PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+status=0
+stage() { case " $STAGES " in *" $1 "*) return 0;; *) return 1;; esac; }
+# step NAME LOG CMD...: run CMD with its output in LOG, print the tail, remember a failure.
+step() { local name=$1 log=$2; shift 2; local t0=$(date +%s); echo "=== $name: $*"; "$@" >"$log" 2>&1; local rc=$?;
+         tail -n "${TAIL:-25}" "$log"; echo "=== $name: rc=$rc in $(( $(date +%s) - t0 )) s"; [ $rc -eq 0 ] || status=1; }
+
+{
+  nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv
+  $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+  nvcc --version | tail -2
+} 2>&1 | tee "$OUT/env.txt"
+
+if stage build; then
+  TAIL=3 step build "$OUT/build.log" $PY -m pip install -v --no-build-isolation --no-deps -e .
+  grep -E "onerec_fast setup|error|spill|registers" "$OUT/build.log" | tail -40
+  $PY -c "from onerec_fast.backends import describe; print(describe())" 2>&1 | tee -a "$OUT/env.txt"
+fi
+if stage test; then
+  step tests "$OUT/tests.log" $PY -m pytest -q -p no:cacheprovider --durations=15 tests
+fi
+if stage sanitize; then
+  for tool in memcheck racecheck; do
+    TAIL=6 step "sanitize-$tool" "$OUT/sanitize_$tool.log" compute-sanitizer --tool $tool --error-exitcode 1 \
+      --target-processes all $PY -m pytest -q -x -p no:cacheprovider -k "not timing and not graph" \
+      ${SANITIZE_TESTS:-tests/test_moe_routing_cuda.py tests/test_beam_step_cuda.py}
+  done
+fi
+if stage bench; then
+  TAIL=0 step bench "$OUT/bench.log" $PY -m pytest -q --benchmark -p no:cacheprovider --bench-dir "$OUT" \
+    --benchmark-json "$OUT/pytest_benchmark.json" benchmarks
+  sed -n '/onerec_fast benchmarks/,$p' "$OUT/bench.log"
+fi
+if stage model; then
+  step model "$OUT/model.log" $PY benchmarks/bench_model.py
+fi
+exit $status

@@ -1,0 +1,301 @@
+"""Triton trie-constrained LM head: the valid children's logits and the normalizer, never ``[R, V]`` logits.
+
+From hidden states ``h: [R, d]`` and the output embedding ``W: [V, d]`` (optional ``bias: [V]``), for the
+children of each row's trie node (``child_start``/``child_tokens``: one level of the trie CSR, see
+``docs/TRIE_FORMAT.md``), the launchers return
+
+* ``child_logits: float32 [R, M]`` (M = the level's max fan-out): column ``j`` is the logit of child ``j`` of
+  ``nodes[r]`` (child entry ``child_start[nodes[r]] + j``, so the columns run in ascending token order);
+  columns ``j >= count[r]`` and every column of a skipped row are NOT written (unspecified): at level 0 most
+  rows are dead beams and filling them would cost as much as writing the dense logits;
+* ``lse: float32 [R]``: ``logsumexp`` over the whole vocabulary (``normalize_valid=False``) or over the row's
+  children (``True``; -inf for a row without children), so ``logp = child_logits - lse[:, None]``.
+
+A row is skipped (no children) when its node is outside ``[0, num_nodes)`` or its beam score is -inf.
+
+Two methods:
+
+* ``gemm`` (any fan-out; the only one that gives the full-vocabulary normalizer): a tiled GEMM whose
+  epilogue keeps, per ``[BM, BN]`` tile, the tile's (max, sum exp) per row for an online log-sum-exp and
+  gathers (``tl.gather``) the logits of the row's children whose tokens fall in the tile. Which children
+  those are comes from ``_child_tile_bounds_kernel`` (one lower bound per tile boundary per row, computed
+  before the GEMM so the GEMM epilogue does no dependent searches). Launches: bounds, GEMM, then a
+  ``[R, V / BN]`` combine into ``lse`` (full) or a log-sum-exp over the written children (valid).
+* ``gather`` (valid normalization, few children per node, levels >= 2 of OneRec): one program per row
+  computes only its children's dot products (gathered rows of ``W``) with an online log-sum-exp, so the
+  cost follows the number of valid children, not V. One launch.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import load_configs
+
+# Heuristic defaults until benchmarks/tune_lm_head.py writes kernels/configs/lm_head.json: Hopper-class
+# 128x128 tiles with 64-deep K steps for 16-bit inputs (fp32 halves BK to stay within shared memory).
+_GEMM_DEFAULT = {"BM": 128, "BN": 128, "BK": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
+_GEMM_DEFAULT_FP32 = {"BM": 128, "BN": 128, "BK": 32, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
+_GATHER_DEFAULT = {"BC": 16, "BK": 256, "num_warps": 4}
+# The interpreter (CPU tests) runs small tiles; tl.dot needs >= 16 in every dimension.
+_INTERPRET_GEMM = {"BM": 16, "BN": 32, "BK": 16, "GROUP_M": 2, "num_warps": 4, "num_stages": 1}
+_INTERPRET_GATHER = {"BC": 16, "BK": 32, "num_warps": 4}
+
+
+@triton.jit
+def _row_children(nodes_ptr, scores_ptr, child_start_ptr, r, num_nodes, HAS_SCORES: tl.constexpr):
+    """(start, end) of row r's child range in child_tokens; (0, 0) for a dead row."""
+    node = tl.load(nodes_ptr + r)
+    live = (node >= 0) & (node < num_nodes)
+    if HAS_SCORES:
+        live = live & (tl.load(scores_ptr + r) > float("-inf"))
+    safe = tl.where(live, node, 0)
+    start = tl.load(child_start_ptr + safe)
+    end = tl.load(child_start_ptr + safe + 1)
+    return tl.where(live, start, 0), tl.where(live, end, 0)
+
+
+@triton.jit
+def _online_lse(m, s, x):
+    """Per-lane running (max, sum exp(x - max)) updated with one more value per lane (-inf = none)."""
+    m_new = tl.maximum(m, x)
+    safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    return m_new, s * tl.exp(m - safe) + tl.exp(x - safe)
+
+
+@triton.jit
+def _lse_of(m, s):
+    """log-sum-exp from per-lane running (max, sum exp(x - max)); -inf when every lane is empty."""
+    mt = tl.max(m, 0)
+    safe = tl.where(mt == float("-inf"), 0.0, mt)
+    st = tl.sum(s * tl.exp(m - safe), 0)
+    return tl.where(st > 0, safe + tl.log(tl.where(st > 0, st, 1.0)), float("-inf"))
+
+
+@triton.jit
+def _child_tile_bounds_kernel(
+    nodes_ptr, scores_ptr, child_start_ptr, child_tokens_ptr, bounds_ptr,
+    num_nodes, stride_b, NT1,
+    BN: tl.constexpr, NT1_PAD: tl.constexpr, SEARCH_STEPS: tl.constexpr, HAS_SCORES: tl.constexpr,
+):
+    """bounds[r, t] (t = 0..NT): absolute index of row r's first child with token >= t * BN (a lower bound
+    per vocabulary tile boundary), so the GEMM tile t holds children bounds[r, t] : bounds[r, t + 1]."""
+    r = tl.program_id(0)
+    start, end = _row_children(nodes_ptr, scores_ptr, child_start_ptr, r, num_nodes, HAS_SCORES)
+    t = tl.arange(0, NT1_PAD)
+    q = t * BN
+    lo = tl.zeros([NT1_PAD], dtype=tl.int32) + start
+    hi = tl.zeros([NT1_PAD], dtype=tl.int32) + end
+    for _ in tl.static_range(SEARCH_STEPS):  # bit_length(max fan-out) halvings close every range
+        active = lo < hi
+        mid = (lo + hi) // 2
+        tok = tl.load(child_tokens_ptr + mid, mask=active, other=0)
+        right = active & (tok < q)
+        lo = tl.where(right, mid + 1, lo)
+        hi = tl.where(active & ~right, mid, hi)
+    tl.store(bounds_ptr + r.to(tl.int64) * stride_b + t, lo, mask=t < NT1)
+
+
+@triton.jit
+def _lm_head_gemm_kernel(
+    h_ptr, w_ptr, bias_ptr, bounds_ptr, child_tokens_ptr, out_ptr, part_m_ptr, part_s_ptr,
+    R, V, D, stride_h, stride_w, stride_b, stride_o, stride_p,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+    HAS_BIAS: tl.constexpr, FULL: tl.constexpr, IEEE: tl.constexpr,
+):
+    """One [BM, BN] tile of h @ W.T: per-row (max, sum exp) of the tile (FULL) and the row's children in it."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(R, BM)
+    num_n = tl.cdiv(V, BN)
+    # Grouped order: GROUP_M row tiles sweep the vocabulary together so their W tiles are reused from L2.
+    group = GROUP_M * num_n
+    first_m = (pid // group) * GROUP_M
+    size_m = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % size_m
+    pid_n = (pid % group) // size_m
+
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    rk = tl.arange(0, BK)
+    rmask = rm < R
+    nmask = rn < V
+    a_ptrs = h_ptr + rm[:, None].to(tl.int64) * stride_h + rk[None, :]
+    b_ptrs = w_ptr + rn[None, :].to(tl.int64) * stride_w + rk[:, None]
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    for k in range(0, D, BK):
+        kmask = rk + k < D
+        a = tl.load(a_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=nmask[None, :] & kmask[:, None], other=0.0)
+        if IEEE:
+            acc = tl.dot(a, b, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc)
+        a_ptrs += BK
+        b_ptrs += BK
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
+    acc = tl.where(nmask[None, :], acc, float("-inf"))
+
+    if FULL:
+        m = tl.max(acc, 1)
+        s = tl.sum(tl.exp(acc - m[:, None]), 1)
+        p_off = rm.to(tl.int64) * stride_p + pid_n
+        tl.store(part_m_ptr + p_off, m, mask=rmask)
+        tl.store(part_s_ptr + p_off, s, mask=rmask)
+
+    # Children of each row with tokens in [pid_n * BN, pid_n * BN + BN): entries lo .. hi of child_tokens.
+    b_row = bounds_ptr + rm.to(tl.int64) * stride_b
+    first = tl.load(b_row, mask=rmask, other=0)
+    lo = tl.load(b_row + pid_n, mask=rmask, other=0)
+    hi = tl.load(b_row + pid_n + 1, mask=rmask, other=0)
+    c = tl.arange(0, BN)
+    pos = lo[:, None] + c[None, :]
+    ok = pos < hi[:, None]
+    tok = tl.load(child_tokens_ptr + pos, mask=ok, other=0)
+    col = tl.where(ok, tok - pid_n * BN, 0)
+    val = tl.gather(acc, col, 1)
+    tl.store(out_ptr + rm[:, None].to(tl.int64) * stride_o + (pos - first[:, None]), val, mask=ok)
+
+
+@triton.jit
+def _lse_combine_kernel(part_m_ptr, part_s_ptr, lse_ptr, R, NT, stride_p, BR: tl.constexpr, NT_PAD: tl.constexpr):
+    """lse[r] from the GEMM tiles' (max, sum exp) partials [R, NT], in tile order."""
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    t = tl.arange(0, NT_PAD)
+    mask = (rows[:, None] < R) & (t[None, :] < NT)
+    off = rows[:, None].to(tl.int64) * stride_p + t[None, :]
+    pm = tl.load(part_m_ptr + off, mask=mask, other=float("-inf"))
+    ps = tl.load(part_s_ptr + off, mask=mask, other=0.0)
+    m = tl.max(pm, 1)
+    safe = tl.where(m == float("-inf"), 0.0, m)
+    s = tl.sum(ps * tl.exp(pm - safe[:, None]), 1)  # >= 1 on real rows (the max term is exp(0))
+    tl.store(lse_ptr + rows, safe + tl.log(tl.where(s > 0, s, 1.0)), mask=rows < R)
+
+
+@triton.jit
+def _child_lse_kernel(bounds_ptr, out_ptr, lse_ptr, stride_b, stride_o, NT, BC: tl.constexpr):
+    """lse[r] = logsumexp of row r's written children (valid normalization after the GEMM method)."""
+    r = tl.program_id(0)
+    count = tl.load(bounds_ptr + r.to(tl.int64) * stride_b + NT) - tl.load(bounds_ptr + r.to(tl.int64) * stride_b)
+    c = tl.arange(0, BC)
+    m = tl.full([BC], float("-inf"), tl.float32)
+    s = tl.zeros([BC], dtype=tl.float32)
+    for j0 in range(0, count, BC):
+        x = tl.load(out_ptr + r.to(tl.int64) * stride_o + j0 + c, mask=j0 + c < count, other=float("-inf"))
+        m, s = _online_lse(m, s, x)
+    tl.store(lse_ptr + r, _lse_of(m, s))
+
+
+@triton.jit
+def _lm_head_gather_kernel(
+    h_ptr, w_ptr, bias_ptr, nodes_ptr, scores_ptr, child_start_ptr, child_tokens_ptr, out_ptr, lse_ptr,
+    num_nodes, D, stride_h, stride_w, stride_o,
+    BC: tl.constexpr, BK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCORES: tl.constexpr,
+):
+    """Row r: dot products of h[r] with W[token] for its children only, and their log-sum-exp."""
+    r = tl.program_id(0)
+    start, end = _row_children(nodes_ptr, scores_ptr, child_start_ptr, r, num_nodes, HAS_SCORES)
+    c = tl.arange(0, BC)
+    rk = tl.arange(0, BK)
+    m = tl.full([BC], float("-inf"), tl.float32)
+    s = tl.zeros([BC], dtype=tl.float32)
+    h_row = h_ptr + r.to(tl.int64) * stride_h
+    for j0 in range(start, end, BC):
+        cmask = j0 + c < end
+        tok = tl.load(child_tokens_ptr + j0 + c, mask=cmask, other=0)
+        w_rows = w_ptr + tok[:, None].to(tl.int64) * stride_w
+        acc = tl.zeros([BC], dtype=tl.float32)
+        for k in range(0, D, BK):
+            kmask = rk + k < D
+            hv = tl.load(h_row + k + rk, mask=kmask, other=0.0).to(tl.float32)
+            wv = tl.load(w_rows + k + rk[None, :], mask=cmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
+            acc += tl.sum(wv * hv[None, :], 1)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + tok, mask=cmask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + r.to(tl.int64) * stride_o + (j0 - start) + c, acc, mask=cmask)
+        x = tl.where(cmask, acc, float("-inf"))
+        m, s = _online_lse(m, s, x)
+    tl.store(lse_ptr + r, _lse_of(m, s))
+
+
+def _interpret(t: torch.Tensor) -> bool:
+    return t.device.type == "cpu"
+
+
+def _config(kind: str, hidden: torch.Tensor, rows: int, vocab: int, dim: int) -> dict:
+    """Tuned config (kernels/configs/lm_head.json: {gpu: {"<kind> <dtype> R V d": {...}}}) or the default."""
+    if _interpret(hidden):
+        return dict(_INTERPRET_GEMM if kind == "gemm" else _INTERPRET_GATHER)
+    tuned = load_configs("lm_head").get(torch.cuda.get_device_name(hidden.device), {})
+    key = f"{kind} {str(hidden.dtype).removeprefix('torch.')} {rows} {vocab} {dim}"
+    if key in tuned:
+        return dict(tuned[key])
+    if kind == "gather":
+        return dict(_GATHER_DEFAULT)
+    return dict(_GEMM_DEFAULT_FP32 if hidden.dtype == torch.float32 else _GEMM_DEFAULT)
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (x - 1).bit_length())
+
+
+def lm_head_gemm(hidden, weight, bias, nodes, scores, child_start, child_tokens, max_children: int,
+                 normalize_valid: bool, config: dict | None = None):
+    """``gemm`` method (module docstring): ``hidden [R, d]``, ``weight [V, d]`` (same dtype, last dim contiguous),
+    ``bias [V] | None``, ``nodes int32 [R]``, ``scores float32 [R] | None``, one trie level's CSR ->
+    ``(child_logits float32 [R, max_children], lse float32 [R])``."""
+    rows, dim = hidden.shape
+    vocab = weight.shape[0]
+    cfg = config or _config("gemm", hidden, rows, vocab, dim)
+    bn = cfg["BN"]
+    nt = triton.cdiv(vocab, bn)
+    dev = hidden.device
+    out = torch.empty(rows, max(max_children, 1), device=dev, dtype=torch.float32)
+    lse = torch.empty(rows, device=dev, dtype=torch.float32)
+    bounds = torch.empty(rows, nt + 1, device=dev, dtype=torch.int32)
+    if rows == 0:
+        return out, lse
+    has_scores = scores is not None
+    _child_tile_bounds_kernel[(rows,)](
+        nodes, scores if has_scores else nodes, child_start, child_tokens, bounds,
+        child_start.numel() - 1, bounds.stride(0), nt + 1,
+        BN=bn, NT1_PAD=_next_pow2(nt + 1), SEARCH_STEPS=max(1, max_children.bit_length()), HAS_SCORES=has_scores,
+    )
+    full = not normalize_valid
+    part_m = torch.empty(rows, nt, device=dev, dtype=torch.float32) if full else out
+    part_s = torch.empty(rows, nt, device=dev, dtype=torch.float32) if full else out
+    grid = (triton.cdiv(rows, cfg["BM"]) * nt,)
+    _lm_head_gemm_kernel[grid](
+        hidden, weight, bias if bias is not None else weight, bounds, child_tokens, out, part_m, part_s,
+        rows, vocab, dim, hidden.stride(0), weight.stride(0), bounds.stride(0), out.stride(0), part_m.stride(0),
+        BM=cfg["BM"], BN=bn, BK=cfg["BK"], GROUP_M=cfg["GROUP_M"], HAS_BIAS=bias is not None, FULL=full,
+        IEEE=hidden.dtype == torch.float32, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    if full:
+        br = 16
+        _lse_combine_kernel[(triton.cdiv(rows, br),)](part_m, part_s, lse, rows, nt, part_m.stride(0),
+                                                      BR=br, NT_PAD=_next_pow2(nt))
+    else:
+        _child_lse_kernel[(rows,)](bounds, out, lse, bounds.stride(0), out.stride(0), nt, BC=128)
+    return out, lse
+
+
+def lm_head_gather(hidden, weight, bias, nodes, scores, child_start, child_tokens, max_children: int,
+                   config: dict | None = None):
+    """``gather`` method (valid normalization): same arguments and results as :func:`lm_head_gemm`."""
+    rows, dim = hidden.shape
+    cfg = config or _config("gather", hidden, rows, weight.shape[0], dim)
+    out = torch.empty(rows, max(max_children, 1), device=hidden.device, dtype=torch.float32)
+    lse = torch.empty(rows, device=hidden.device, dtype=torch.float32)
+    if rows == 0:
+        return out, lse
+    has_scores = scores is not None
+    _lm_head_gather_kernel[(rows,)](
+        hidden, weight, bias if bias is not None else weight, nodes, scores if has_scores else nodes,
+        child_start, child_tokens, out, lse,
+        child_start.numel() - 1, dim, hidden.stride(0), weight.stride(0), out.stride(0),
+        BC=cfg["BC"], BK=cfg["BK"], HAS_BIAS=bias is not None, HAS_SCORES=has_scores, num_warps=cfg["num_warps"],
+    )
+    return out, lse
