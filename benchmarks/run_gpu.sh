@@ -4,7 +4,8 @@
 #
 #   benchmarks/run_gpu.sh OUTDIR [STAGES]
 #
-# STAGES (default "build test sanitize bench model") picks a subset, e.g. "build bench".
+# STAGES (default "build test sanitize bench model") picks a subset, e.g. "build bench";
+# STEP_TIMEOUT (seconds, default 1800) bounds each step; PYTEST_ARGS are added to the test and bench runs.
 # Needs: CUDA torch, triton, nvcc, ninja, pytest, pytest-benchmark (all on the H200 image).
 set -uo pipefail
 OUT=${1:?usage: benchmarks/run_gpu.sh OUTDIR [STAGES]}
@@ -16,7 +17,7 @@ PY=${PYTHON:-python3}
 status=0
 stage() { case " $STAGES " in *" $1 "*) return 0;; *) return 1;; esac; }
 # step NAME LOG CMD...: run CMD with its output in LOG, print the tail, remember a failure.
-step() { local name=$1 log=$2; shift 2; local t0=$(date +%s); echo "=== $name: $*"; "$@" >"$log" 2>&1; local rc=$?;
+step() { local name=$1 log=$2; shift 2; local t0=$(date +%s); echo "=== $name: $*"; timeout "${STEP_TIMEOUT:-1800}" "$@" >"$log" 2>&1; local rc=$?;
          tail -n "${TAIL:-25}" "$log"; echo "=== $name: rc=$rc in $(( $(date +%s) - t0 )) s"; [ $rc -eq 0 ] || status=1; }
 
 {
@@ -31,7 +32,7 @@ if stage build; then
   $PY -c "from onerec_fast.backends import describe; print(describe())" 2>&1 | tee -a "$OUT/env.txt"
 fi
 if stage test; then
-  step tests "$OUT/tests.log" $PY -m pytest -q -p no:cacheprovider --durations=15 tests
+  step tests "$OUT/tests.log" $PY -m pytest -q -p no:cacheprovider --durations=15 ${PYTEST_ARGS:-} tests
 fi
 if stage sanitize; then
   for tool in memcheck racecheck; do
@@ -42,7 +43,7 @@ if stage sanitize; then
 fi
 if stage bench; then
   TAIL=0 step bench "$OUT/bench.log" $PY -m pytest -q --benchmark -p no:cacheprovider --bench-dir "$OUT" \
-    --benchmark-json "$OUT/pytest_benchmark.json" benchmarks
+    --benchmark-json "$OUT/pytest_benchmark.json" ${PYTEST_ARGS:-} benchmarks
   sed -n '/onerec_fast benchmarks/,$p' "$OUT/bench.log"
 fi
 if stage model; then

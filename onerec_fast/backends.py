@@ -113,10 +113,13 @@ def _available_on(backend: str, device: torch.device) -> tuple[bool, str]:
 _warned: set[tuple[str, str]] = set()
 
 
+@torch.compiler.assume_constant_result
 def resolve_backend(op: str, backend: str | None, device: torch.device, implemented: tuple[str, ...]) -> str:
     """Pick the backend for one call of ``op`` on ``device``.
 
     ``implemented`` lists the backends the op has, best first (always ending in ``"reference"``).
+    Under ``torch.compile`` the choice is made once at trace time and baked into the graph
+    (``assume_constant_result``), so Dynamo does not trace the cached availability probes.
     """
     if backend is None:
         backend = "auto"

@@ -1,0 +1,175 @@
+"""``MoELayer``: a dropless mixture-of-experts SwiGLU FFN for training and inference.
+
+Drop-in for the FFN of a transformer block: ``forward(x: [..., d]) -> [..., d]``. The experts run as
+Triton grouped GEMMs on CUDA (``backend="auto"``), the plain-PyTorch reference on CPU. Load balancing
+either loss-free (DeepSeek-V3: ``router="sigmoid"`` + :meth:`MoELayer.update_expert_bias`) or with the
+Switch aux loss and the z-loss (:meth:`MoELayer.aux_loss`, added to the loss by the trainer).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from onerec_fast.ops.moe import moe_ffn
+from onerec_fast.ops.moe_routing import MoERouting, moe_aux_loss, moe_z_loss
+
+__all__ = ["MoELayer", "MoEStats"]
+
+
+class MoEStats(NamedTuple):
+    """Load statistics of the last forward (tensors on the layer's device; reading them syncs)."""
+
+    tokens_per_expert: torch.Tensor  # int32 [E]: (token, expert) pairs routed to each expert
+    aux_loss: torch.Tensor  # 0-d fp32 Switch load-balancing loss (unweighted, differentiable)
+    z_loss: torch.Tensor  # 0-d fp32 router z-loss (unweighted, differentiable)
+    routing: MoERouting  # everything the router produced (ids, gate weights, permutation)
+
+
+class MoELayer(nn.Module):
+    """Mixture-of-experts SwiGLU FFN: ``num_experts`` experts ``(silu(x W1) * (x W3)) W2``, ``top_k`` per token.
+
+    Args:
+        d_model, d_ff: model width d and expert hidden width f.
+        num_experts, top_k: E experts (1..256), k of them per token (1..min(E, 8)).
+        router: "softmax" (fp32 softmax, top-k) or "sigmoid" (DeepSeek-V3: select on
+            ``sigmoid + expert_bias``, weight with the unbiased sigmoid).
+        norm_topk: divide each token's k gate weights by their sum.
+        aux_loss_coef, z_loss_coef: weights of the Switch aux loss and the z-loss in :meth:`aux_loss`.
+        backend: "auto", "cuda", "triton" or "reference" (see ``onerec_fast.backends``).
+
+    Parameters: ``router`` (``nn.Linear(d, E, bias=False)``), ``w1, w3: [E, d, f]``, ``w2: [E, f, d]``;
+    buffer ``expert_bias: [E]`` fp32. After each forward, :attr:`last_stats` gives :class:`MoEStats`.
+    """
+
+    def __init__(self, d_model: int, d_ff: int, num_experts: int, top_k: int, router: str = "softmax",
+                 norm_topk: bool = True, aux_loss_coef: float = 0.0, z_loss_coef: float = 0.0,
+                 backend: str = "auto", dtype: torch.dtype | None = None, device: torch.device | str | None = None):
+        super().__init__()
+        for name, v in (("d_model", d_model), ("d_ff", d_ff), ("num_experts", num_experts)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if not 1 <= top_k <= min(num_experts, 8):
+            raise ValueError(f"top_k must be in 1..min(num_experts={num_experts}, 8), got {top_k!r}")
+        if router not in ("softmax", "sigmoid"):
+            raise ValueError(f"router must be 'softmax' or 'sigmoid', got {router!r}")
+        self.d_model, self.d_ff, self.num_experts, self.top_k = d_model, d_ff, num_experts, top_k
+        self.router_type, self.norm_topk, self.backend = router, norm_topk, backend
+        self.aux_loss_coef, self.z_loss_coef = float(aux_loss_coef), float(z_loss_coef)
+        factory = dict(dtype=dtype, device=device)
+        self.router = nn.Linear(d_model, num_experts, bias=False, **factory)
+        self.w1 = nn.Parameter(torch.empty(num_experts, d_model, d_ff, **factory))
+        self.w3 = nn.Parameter(torch.empty(num_experts, d_model, d_ff, **factory))
+        self.w2 = nn.Parameter(torch.empty(num_experts, d_ff, d_model, **factory))
+        self.register_buffer("expert_bias", torch.zeros(num_experts, dtype=torch.float32, device=device))
+        # Pairs routed to each expert by the training forwards since the last update_expert_bias.
+        self.register_buffer("load_since_update", torch.zeros(num_experts, dtype=torch.int64, device=device),
+                             persistent=False)
+        self._last: tuple[MoERouting, int] | None = None  # routing and token count of the last forward
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """nn.Linear's default init per expert: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+        self.router.reset_parameters()
+        for w, fan_in in ((self.w1, self.d_model), (self.w3, self.d_model), (self.w2, self.d_ff)):
+            nn.init.uniform_(w, -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))
+        self.expert_bias.zero_()
+
+    def extra_repr(self) -> str:
+        return (f"d_model={self.d_model}, d_ff={self.d_ff}, num_experts={self.num_experts}, top_k={self.top_k}, "
+                f"router={self.router_type!r}, norm_topk={self.norm_topk}, backend={self.backend!r}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x: [..., d]`` -> ``[..., d]``; also sets :attr:`last_stats`."""
+        if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[-1] != self.d_model:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"x must have shape [..., d_model={self.d_model}], got {shape}")
+        weights = (self.router.weight, self.w1, self.w3, self.w2)
+        if torch.is_autocast_enabled(x.device.type):
+            dt = torch.get_autocast_dtype(x.device.type)
+            x, weights = x.to(dt), tuple(w.to(dt) for w in weights)
+        x2 = x.reshape(-1, self.d_model)
+        out, routing = moe_ffn(
+            x2, *weights, self.top_k, router=self.router_type, norm_topk=self.norm_topk,
+            # .float(): Module.to(bfloat16) casts buffers too; selection wants the fp32 bias
+            expert_bias=self.expert_bias.float() if self.router_type == "sigmoid" else None, backend=self.backend,
+        )
+        self._last = (routing, x2.shape[0])
+        if self.training:
+            self.load_since_update.add_(routing.expert_counts)
+        return out.reshape(x.shape)
+
+    @property
+    def last_stats(self) -> MoEStats | None:
+        """:class:`MoEStats` of the last forward (None before any); the losses are computed on access, so
+        a forward that nobody asks about pays nothing for them."""
+        if self._last is None:
+            return None
+        routing, T = self._last
+        return MoEStats(routing.expert_counts, moe_aux_loss(routing, T, self.top_k), moe_z_loss(routing, T), routing)
+
+    def aux_loss(self) -> torch.Tensor:
+        """``aux_loss_coef * aux + z_loss_coef * z`` of the last forward (0-d, differentiable); 0 before any."""
+        if self._last is None or (self.aux_loss_coef == 0.0 and self.z_loss_coef == 0.0):
+            return self.expert_bias.new_zeros(())
+        st = self.last_stats
+        return self.aux_loss_coef * st.aux_loss + self.z_loss_coef * st.z_loss
+
+    @torch.no_grad()
+    def update_expert_bias(self, rate: float) -> None:
+        """Loss-free balancing (DeepSeek-V3): ``bias_e += rate * sign(mean_load - load_e)``, with the load
+        counted over the training forwards since the previous call (then reset). Affects selection in
+        sigmoid mode only. No host sync."""
+        load = self.load_since_update.to(torch.float32)
+        self.expert_bias.add_(rate * torch.sign(load.mean() - load))
+        self.load_since_update.zero_()
+
+    # ----------------------------------------------------------------------------------------------
+    # Loading from the common MoE block layouts
+
+    def _load_layout(self, state_dict: Mapping[str, torch.Tensor], prefix: str, names: tuple[str, str, str],
+                     strict: bool) -> None:
+        E, d, f = self.num_experts, self.d_model, self.d_ff
+        want = {f"{prefix}gate.weight": (E, d)}
+        for i in range(E):
+            for n, shape in zip(names, ((f, d), (f, d), (d, f))):
+                want[f"{prefix}experts.{i}.{n}.weight"] = shape
+        bias_key = f"{prefix}gate.e_score_correction_bias"  # DeepSeek-V3's loss-free balancing bias
+        missing = [k for k in want if k not in state_dict]
+        if missing:
+            raise KeyError(f"state_dict lacks {len(missing)} keys of this layout, e.g. {missing[:4]}")
+        for k, shape in want.items():
+            if tuple(state_dict[k].shape) != shape:
+                raise ValueError(f"state_dict[{k!r}] must have shape {shape}, got {tuple(state_dict[k].shape)}")
+        if strict:
+            extra = [k for k in state_dict if k.startswith(prefix) and k not in want and k != bias_key]
+            if extra:
+                raise KeyError(f"unexpected keys under prefix {prefix!r} (pass strict=False to ignore): {extra[:4]}")
+        with torch.no_grad():
+            self.router.weight.copy_(state_dict[f"{prefix}gate.weight"])
+            for i in range(E):
+                # nn.Linear stores [out, in]; the experts here are [in, out].
+                for dst, n in zip((self.w1, self.w3, self.w2), names):
+                    dst[i].copy_(state_dict[f"{prefix}experts.{i}.{n}.weight"].t())
+            if bias_key in state_dict:
+                self.expert_bias.copy_(state_dict[bias_key])
+
+    def load_mixtral_state_dict(self, state_dict: Mapping[str, torch.Tensor], prefix: str = "",
+                                strict: bool = True) -> MoELayer:
+        """Load a Mixtral-style block: ``gate.weight [E, d]``, ``experts.{i}.w1/w3.weight [f, d]``,
+        ``experts.{i}.w2.weight [d, f]`` (expert: ``w2(silu(w1(x)) * w3(x))``). Returns self."""
+        self._load_layout(state_dict, prefix, ("w1", "w3", "w2"), strict)
+        return self
+
+    def load_qwen_state_dict(self, state_dict: Mapping[str, torch.Tensor], prefix: str = "",
+                             strict: bool = True) -> MoELayer:
+        """Load a Qwen-MoE / DeepSeek-style block: ``gate.weight [E, d]``,
+        ``experts.{i}.gate_proj/up_proj.weight [f, d]``, ``experts.{i}.down_proj.weight [d, f]`` (expert:
+        ``down(silu(gate(x)) * up(x))``), and DeepSeek-V3's ``gate.e_score_correction_bias`` if present.
+        Shared experts and grouped routing are not part of this layer. Returns self."""
+        self._load_layout(state_dict, prefix, ("gate_proj", "up_proj", "down_proj"), strict)
+        return self
