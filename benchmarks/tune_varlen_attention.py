@@ -1,0 +1,147 @@
+"""Tune the launch configs of the variable-length attention kernels on this GPU.
+
+Times every candidate tile config of each kernel (forward, backward dq, backward dk/dv) on a
+representative ragged batch (Lk uniform in [512, 2048], Hq = Hkv = 8), rejects configs that do not
+compile, run out of resources or disagree with the default config, and writes the fastest per
+shape key into ``kernels/configs/varlen_attention.json`` under this GPU's name (other GPUs' entries
+are kept). Run on the target GPU:
+
+    python benchmarks/tune_varlen_attention.py                       # bf16, head_dim 64 and 128, Lq 128
+    python benchmarks/tune_varlen_attention.py --head-dims 32 64 128 --seqlens-q 16 32 64 128 --dtypes bfloat16 float16
+    python benchmarks/tune_varlen_attention.py --dry-run              # print, write nothing
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import sys
+
+import torch
+
+from onerec_fast.kernels import varlen_attention as kern
+from onerec_fast.perf.timing import time_fn
+
+CONFIG_PATH = os.path.join(os.path.dirname(os.path.abspath(kern.__file__)), "configs", "varlen_attention.json")
+
+GRID = {
+    "fwd": {"BLOCK_M": (64, 128), "BLOCK_N": (32, 64, 128), "num_warps": (4, 8), "num_stages": (2, 3)},
+    "bwd_dq": {"BLOCK_M": (64, 128), "BLOCK_N": (32, 64), "num_warps": (4, 8), "num_stages": (2, 3)},
+    "bwd_dkdv": {"BLOCK_M": (32, 64, 128), "BLOCK_N": (32, 64, 128), "num_warps": (4, 8), "num_stages": (2,)},
+}
+
+
+def candidates(kernel: str, seqlen_q: int) -> list[dict]:
+    grid = dict(GRID[kernel])
+    bucket = kern.lq_bucket(seqlen_q)
+    grid["BLOCK_M"] = tuple(m for m in grid["BLOCK_M"] if m <= bucket) or (bucket,)
+    return [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
+
+
+def make_inputs(batch: int, seqlen_q: int, head_dim: int, dtype: torch.dtype, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(512, 2049, (batch,), generator=g)
+    cu = torch.zeros(batch + 1, dtype=torch.int32)
+    cu[1:] = lengths.cumsum(0)
+    total, heads = int(cu[-1]), 8
+    dev = "cuda"
+    x = {
+        "q": torch.randn(batch, heads, seqlen_q, head_dim, device=dev, dtype=dtype),
+        "k": torch.randn(total, heads, head_dim, device=dev, dtype=dtype),
+        "v": torch.randn(total, heads, head_dim, device=dev, dtype=dtype),
+        "dout": torch.randn(batch, heads, seqlen_q, head_dim, device=dev, dtype=dtype),
+        "cu": cu.to(dev),
+        "out": torch.empty(batch, heads, seqlen_q, head_dim, device=dev, dtype=dtype),
+        "lse": torch.empty(batch, heads, seqlen_q, device=dev, dtype=torch.float32),
+    }
+    kern.varlen_attention_fwd(x["q"], x["k"], x["v"], cu[:-1].to(dev), x["cu"][1:], x["out"], x["lse"],
+                              head_dim**-0.5)
+    return x
+
+
+def runner(kernel: str, x: dict, cfg: dict | None):
+    """A zero-arg fn running the pass ``kernel`` belongs to with ``cfg`` for it, and its outputs."""
+    q, k, v, cu = x["q"], x["k"], x["v"], x["cu"]
+    scale = q.shape[-1] ** -0.5
+    if kernel == "fwd":
+        out, lse = torch.empty_like(x["out"]), torch.empty_like(x["lse"])
+        return (lambda: kern.varlen_attention_fwd(q, k, v, cu[:-1], cu[1:], out, lse, scale, cfg)), (out,)
+    dq, dk, dv, delta = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(x["lse"])
+    configs = {kernel: cfg} if cfg else None
+    return (lambda: kern.varlen_attention_bwd(x["dout"], q, k, v, x["out"], x["lse"], None, cu[:-1], cu[1:], dq, dk,
+                                              dv, delta, scale, configs)), (dq, dk, dv)
+
+
+def tune_one(kernel: str, x: dict, seqlen_q: int, verbose: bool) -> tuple[dict, float]:
+    fn, expect = runner(kernel, x, None)
+    fn()
+    expect = [t.clone() for t in expect]
+    base_ms = time_fn(fn, "cuda", warmup=5, rep=20).median_ms
+    best, best_ms = kern.default_config(kernel, x["q"].shape[-1], seqlen_q, "cuda"), base_ms
+    for cfg in candidates(kernel, seqlen_q):
+        try:
+            fn, outs = runner(kernel, x, cfg)
+            fn()
+            torch.cuda.synchronize()
+        except Exception as e:  # noqa: BLE001 -- out of shared memory/registers, or a compile failure
+            if verbose:
+                print(f"    {cfg}: skipped ({type(e).__name__})")
+            continue
+        err = max(((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+                  for a, b in zip(outs, expect))
+        if not err < 2e-2:
+            print(f"    {cfg}: WRONG (relative difference {err:.2e} from the default config)")
+            continue
+        ms = time_fn(fn, "cuda", warmup=5, rep=20).median_ms
+        if verbose:
+            print(f"    {cfg}: {ms:.4f} ms")
+        if ms < best_ms:
+            best, best_ms = cfg, ms
+    print(f"  {kernel}: default {base_ms:.4f} ms -> best {best_ms:.4f} ms {best}")
+    return best, best_ms
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--dtypes", nargs="+", default=["bfloat16"])
+    p.add_argument("--head-dims", nargs="+", type=int, default=[64, 128])
+    p.add_argument("--seqlens-q", nargs="+", type=int, default=[128])
+    p.add_argument("--batch", type=int, default=512)
+    p.add_argument("--kernels", nargs="+", default=list(kern.KERNELS), choices=kern.KERNELS)
+    p.add_argument("--dry-run", action="store_true")
+    p.add_argument("-v", "--verbose", action="store_true")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("tune_varlen_attention: needs a CUDA device", file=sys.stderr)
+        return 1
+    gpu = torch.cuda.get_device_name()
+    found = {}
+    for dtype_name, head_dim, seqlen_q in itertools.product(args.dtypes, args.head_dims, args.seqlens_q):
+        dtype = getattr(torch, dtype_name)
+        print(f"{gpu}: {dtype_name} head_dim {head_dim} Lq {seqlen_q} (bucket {kern.lq_bucket(seqlen_q)})")
+        x = make_inputs(args.batch, seqlen_q, head_dim, dtype)
+        for kernel in args.kernels:
+            cfg, _ = tune_one(kernel, x, seqlen_q, args.verbose)
+            found[kern.config_key(kernel, head_dim, seqlen_q, dtype)] = cfg
+        del x
+        torch.cuda.empty_cache()
+    if args.dry_run:
+        print(json.dumps(found, indent=1))
+        return 0
+    data = {}
+    if os.path.exists(CONFIG_PATH):
+        with open(CONFIG_PATH) as f:
+            data = json.load(f)
+    data.setdefault(gpu, {}).update(found)
+    os.makedirs(os.path.dirname(CONFIG_PATH), exist_ok=True)
+    with open(CONFIG_PATH, "w") as f:
+        json.dump({g: dict(sorted(c.items())) for g, c in sorted(data.items())}, f, indent=1)
+        f.write("\n")
+    print(f"wrote {len(found)} configs for {gpu} to {CONFIG_PATH}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
