@@ -50,14 +50,15 @@ def _cuda_extension() -> tuple[object | None, str]:
     if not torch.cuda.is_available():
         return None, "no CUDA device visible to torch"
     try:
+        # Importing the module registers its ops with the dispatcher as torch.ops.onerec_fast_C.*
         from onerec_fast import _C  # type: ignore[attr-defined]
     except ImportError as e:  # not built: CPU-only install, ONEREC_FAST_NO_CUDA=1, or no nvcc at build time
         return None, f"extension onerec_fast._C not built ({e})"
-    return _C, f"onerec_fast._C built for {getattr(_C, 'ARCH_LIST', '?')}"
+    return torch.ops.onerec_fast_C, f"onerec_fast._C built for {getattr(_C, 'ARCH_LIST', '?')}"
 
 
 def cuda_extension():
-    """The compiled extension module, or None."""
+    """The namespace of the compiled CUDA ops (``torch.ops.onerec_fast_C``), or None when not built."""
     return _cuda_extension()[0]
 
 

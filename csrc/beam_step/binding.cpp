@@ -9,7 +9,6 @@
 #include <tuple>
 
 #include "beam_step/beam_step.cuh"
-#include "common/registry.h"
 
 namespace onerec_fast {
 namespace {
@@ -113,20 +112,25 @@ Outputs beam_step_candidates(const at::Tensor& child_logits, const std::optional
   return run(child_logits, row_lse, true, nodes, scores, child_start, child_tokens, beam, normalize_valid);
 }
 
-static RegisterBinding reg([](pybind11::module& m) {
-  m.def("beam_step", &beam_step_dense,
-        "Fused trie-constrained beam step on dense logits [B*beam, V] -> (tokens int64 [B, beam], parents int64, "
-        "nodes int32, scores float32). Semantics: docs/TRIE_FORMAT.md.",
-        pybind11::arg("logits"), pybind11::arg("nodes"), pybind11::arg("scores"), pybind11::arg("child_start"),
-        pybind11::arg("child_tokens"), pybind11::arg("dense_root"), pybind11::arg("beam"),
-        pybind11::arg("normalize_valid"));
-  m.def("beam_step_candidates", &beam_step_candidates,
-        "Fused beam step on compact child logits [B*beam, M] (column j = child j of the row's node): logp = "
-        "logit - row_lse (given) or log-softmax over the valid children (row_lse None, normalize_valid).",
-        pybind11::arg("child_logits"), pybind11::arg("row_lse"), pybind11::arg("nodes"), pybind11::arg("scores"),
-        pybind11::arg("child_start"), pybind11::arg("child_tokens"), pybind11::arg("beam"),
-        pybind11::arg("normalize_valid"));
-});
-
 }  // namespace
 }  // namespace onerec_fast
+
+// Registered with the dispatcher (torch.ops.onerec_fast_C.*): see csrc/moe_routing/binding.cpp for why not
+// pybind11. Semantics: docs/TRIE_FORMAT.md. beam_step takes dense logits [B*beam, V]; beam_step_candidates
+// takes compact child logits [B*beam, M] (column j = child j of the row's node) with logp = logit - row_lse
+// (given) or a log-softmax over the valid children (row_lse None, normalize_valid). Both return
+// (tokens int64 [B, beam], parents int64, nodes int32, scores float32).
+TORCH_LIBRARY_FRAGMENT(onerec_fast_C, m) {
+  m.def("beam_step(Tensor logits, Tensor nodes, Tensor scores, Tensor child_start, Tensor child_tokens, "
+        "Tensor? dense_root, int beam, bool normalize_valid) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("beam_step_candidates(Tensor child_logits, Tensor? row_lse, Tensor nodes, Tensor scores, "
+        "Tensor child_start, Tensor child_tokens, int beam, bool normalize_valid) -> (Tensor, Tensor, Tensor, Tensor)");
+}
+TORCH_LIBRARY_IMPL(onerec_fast_C, CUDA, m) {
+  m.impl("beam_step", &onerec_fast::beam_step_dense);
+  m.impl("beam_step_candidates", &onerec_fast::beam_step_candidates);
+}
+TORCH_LIBRARY_IMPL(onerec_fast_C, CPU, m) {
+  m.impl("beam_step", &onerec_fast::beam_step_dense);
+  m.impl("beam_step_candidates", &onerec_fast::beam_step_candidates);
+}

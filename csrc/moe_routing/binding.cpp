@@ -6,7 +6,6 @@
 #include <cstdint>
 #include <vector>
 
-#include "common/registry.h"
 #include "moe_routing/moe_routing.h"
 
 namespace {
@@ -83,12 +82,15 @@ void moe_route_fwd(const at::Tensor& logits, const at::Tensor& expert_bias, int6
 
 }  // namespace
 
-static onerec_fast::RegisterBinding reg([](pybind11::module& m) {
-  m.def("moe_route_fwd", &moe_route_fwd,
-        "One-launch MoE top-k routing: fills topk_ids, topk_weights, expert_counts, expert_offsets, "
-        "sorted_pair_idx, prob_sum, lse_sq_sum (preallocated CUDA tensors) on the current stream.",
-        pybind11::arg("logits"), pybind11::arg("expert_bias"), pybind11::arg("top_k"), pybind11::arg("sigmoid"),
-        pybind11::arg("norm_topk"), pybind11::arg("topk_ids"), pybind11::arg("topk_weights"),
-        pybind11::arg("expert_counts"), pybind11::arg("expert_offsets"), pybind11::arg("sorted_pair_idx"),
-        pybind11::arg("prob_sum"), pybind11::arg("lse_sq_sum"));
-});
+// Registered with the dispatcher (torch.ops.onerec_fast_C.moe_route_fwd): errors thrown by the checks then
+// reach Python through torch's own translation, as for every built-in op. (Bound through pybind11 instead, the
+// first TORCH_CHECK failure segfaulted the process on the H200 with torch 2.11.) The CPU registration exists
+// only so that a CPU `logits` gets the argument error below rather than a missing-kernel error.
+TORCH_LIBRARY_FRAGMENT(onerec_fast_C, m) {
+  m.def(
+      "moe_route_fwd(Tensor logits, Tensor expert_bias, int top_k, bool sigmoid, bool norm_topk, "
+      "Tensor(a!) topk_ids, Tensor(b!) topk_weights, Tensor(c!) expert_counts, Tensor(d!) expert_offsets, "
+      "Tensor(e!) sorted_pair_idx, Tensor(f!) prob_sum, Tensor(g!) lse_sq_sum) -> ()");
+}
+TORCH_LIBRARY_IMPL(onerec_fast_C, CUDA, m) { m.impl("moe_route_fwd", &moe_route_fwd); }
+TORCH_LIBRARY_IMPL(onerec_fast_C, CPU, m) { m.impl("moe_route_fwd", &moe_route_fwd); }

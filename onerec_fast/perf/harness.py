@@ -66,8 +66,12 @@ def load_suite(name: str):
 
 
 def run_case(case: Case, device: torch.device, peak: Peak, *, warmup: int | None = None,
-             rep: int | None = None) -> list[Row]:
-    """Time every implementation of ``case``; rows in the order of ``case.impls``."""
+             rep: int | None = None, budget_ms: float = 1000.0) -> list[Row]:
+    """Time every implementation of ``case``; rows in the order of ``case.impls``.
+
+    Each gets ``warmup`` untimed runs then ``rep`` timed ones (fewer when a run is slow: about
+    ``budget_ms`` of timed runs, never fewer than 5).
+    """
     cuda = device.type == "cuda"
     warmup = warmup if warmup is not None else (10 if cuda else 1)
     rep = rep if rep is not None else (50 if cuda else 3)
@@ -80,7 +84,11 @@ def run_case(case: Case, device: torch.device, peak: Peak, *, warmup: int | None
                 torch.cuda.synchronize(device)
                 torch.cuda.reset_peak_memory_stats(device)
                 base = torch.cuda.memory_allocated(device)
-            t = time_fn(fn, device, warmup=warmup, rep=rep)
+            # A slow implementation (the reference at B=1024 takes ~100 ms a call) gets fewer runs, so a
+            # suite fits a time budget: about `budget_ms` of timed work per implementation, at least 5 runs.
+            est = time_fn(fn, device, warmup=1, rep=1).median_ms
+            n = max(5, min(rep, int(budget_ms / max(est, 1e-3))))
+            t = time_fn(fn, device, warmup=min(warmup, n), rep=n)
             mem = (torch.cuda.max_memory_allocated(device) - base) / 2**20 if cuda else math.nan
         except Unavailable as e:
             rows.append(Row(case.suite, case.name, label, f"n/a: {e}"))
