@@ -14,6 +14,12 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "backends": ("onerec_fast.perf.cli_backends", "which kernel backends are available here, and why not"),
     "bench": ("onerec_fast.perf.cli_bench", "time every backend of each op and print latency / TFLOP/s / MFU"),
+    "demo": ("onerec_fast.train.cli_demo", "synthetic world -> tokenizer -> pretraining -> generation -> metrics"),
+    "tokenize": ("onerec_fast.tokenizer.cli", "fit RQ-KMeans semantic IDs on a dataset and print their stats"),
+    "train": ("onerec_fast.train.cli_train", "pretrain OneRec (next-token loss over semantic IDs)"),
+    "evaluate": ("onerec_fast.train.cli_evaluate", "leave-one-out Recall/NDCG with baselines, legality rate"),
+    "generate": ("onerec_fast.train.cli_generate", "top-K recommendations for given users"),
+    "rl": ("onerec_fast.rl.cli", "post-train a checkpoint: RSFT, P-Score reward, ECPO"),
 }
 
 

@@ -183,24 +183,6 @@ def test_candidates_entry_matches_dense(normalize, level):
             assert torch.equal(a, b)
 
 
-def test_bad_arguments_raise():
-    trie = make_trie(100, 16, 2, seed=1)
-    logits = torch.randn(8, 16, device="cuda")
-    nodes = torch.zeros(8, dtype=torch.int32, device="cuda")
-    scores = torch.zeros(8, device="cuda")
-    cs, ct = trie.child_start[0], trie.child_tokens[0]
-    with pytest.raises(RuntimeError, match="multiple of beam"):
-        _EXT.beam_step(logits, nodes, scores, cs, ct, None, 3, False)
-    with pytest.raises(RuntimeError, match="beam must be"):
-        _EXT.beam_step(logits, nodes, scores, cs, ct, None, 0, False)
-    with pytest.raises(RuntimeError, match="nodes must be"):
-        _EXT.beam_step(logits, nodes.long(), scores, cs, ct, None, 4, False)
-    with pytest.raises(RuntimeError, match="logits must be"):
-        _EXT.beam_step(logits.int(), nodes, scores, cs, ct, None, 4, False)
-    with pytest.raises(RuntimeError, match="row_lse"):
-        _EXT.beam_step_candidates(logits, None, nodes, scores, cs, ct, 4, False)
-
-
 def test_timing_onerec_shape(capsys):
     """Prints the per-level latency at 32 users x beam 128, V = 8192, bf16 logits (target <= 30 us)."""
     batch, beam, vocab = 32, 128, 8192
