@@ -5,7 +5,8 @@
 #   benchmarks/run_gpu.sh OUTDIR [STAGES]
 #
 # STAGES (default "build test sanitize bench model") picks a subset, e.g. "build bench";
-# STEP_TIMEOUT (seconds, default 1800) bounds each step; PYTEST_ARGS are added to the test and bench runs.
+# STEP_TIMEOUT (seconds, default 1800) bounds each step; PYTEST_ARGS are added to the test and bench runs;
+# BENCH (default "benchmarks") names the benchmark files to run.
 # Needs: CUDA torch, triton, nvcc, ninja, pytest, pytest-benchmark (all on the H200 image).
 set -uo pipefail
 OUT=${1:?usage: benchmarks/run_gpu.sh OUTDIR [STAGES]}
@@ -43,7 +44,7 @@ if stage sanitize; then
 fi
 if stage bench; then
   TAIL=0 step bench "$OUT/bench.log" $PY -m pytest -q --benchmark -p no:cacheprovider --bench-dir "$OUT" \
-    --benchmark-json "$OUT/pytest_benchmark.json" ${PYTEST_ARGS:-} benchmarks
+    --benchmark-json "$OUT/pytest_benchmark.json" ${PYTEST_ARGS:-} ${BENCH:-benchmarks}
   sed -n '/onerec_fast benchmarks/,$p' "$OUT/bench.log"
 fi
 if stage model; then

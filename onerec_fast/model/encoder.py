@@ -1,0 +1,257 @@
+"""The OneRec encoder (TR 2.2): four pathways of user behaviour -> one sequence -> a full-attention transformer.
+
+* static pathway: embeddings of the user's static features (uid, gender, age, ...) concatenated ->
+  Dense-LeakyReLU-Dense -> 1 token;
+* short-term pathway (the last ``short_len`` = 20 items) and positive-feedback pathway (up to ``pos_len``
+  = 256 engaged items): per item the semantic-ID code embeddings plus the optional item-level features
+  (item id, author, tag, labels: categorical; timestamp, playtime, duration: continuous) ->
+  Dense-LeakyReLU-Dense -> one token per item;
+* lifelong pathway: the compressed lifelong items (<= ``lifelong_len``) embedded the same way ->
+  ``QFormer`` with ``num_queries`` (128) learned queries and ``qformer_blocks`` (2) blocks -> 128 tokens.
+
+The tokens sit in fixed slots ``[static | short | positive | lifelong queries]`` (405 for the TR sizes)
+with learned position embeddings; slots past a user's history length are padding, excluded from every
+attention by a key mask built from the jagged offsets (so results do not depend on other users in the
+batch). Then ``enc_layers`` pre-RMSNorm blocks of full self-attention + FFN (SwiGLU or MoE).
+
+Item pathways arrive jagged (``onerec_fast.data.JaggedItems``: ``offsets [B+1]``, ``item [T]``, ``codes
+[T, L]``, ``sparse``/``dense`` ``{name: [T]}``) as the data loader collates them, or padded
+(:class:`PaddedItems`, ``lengths [B]`` and ``[B, N, ...]`` values). Short-term and positive-feedback items are
+right-aligned in their slots (the newest item always sits in the last slot, so positions mean recency).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from onerec_fast.model.config import OneRecConfig
+from onerec_fast.model.layers import Attention, make_ffn
+
+__all__ = ["PaddedItems", "OneRecEncoder", "EncoderOutput", "right_align", "seq_lengths"]
+
+
+@dataclass
+class PaddedItems:
+    """One pathway in padded form (the jagged form is ``onerec_fast.data.JaggedItems``): ``codes: int64
+    [B, N, L]``, ``lengths: int64 [B]``, features ``[B, N]``; user b's items are ``[:lengths[b]]``, oldest
+    first; entries past ``lengths[b]`` are ignored, whatever they hold."""
+
+    codes: torch.Tensor
+    lengths: torch.Tensor
+    item: torch.Tensor | None = None
+    sparse: dict[str, torch.Tensor] = field(default_factory=dict)
+    dense: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def to(self, device, non_blocking: bool = False) -> "PaddedItems":
+        mv = lambda t: None if t is None else t.to(device, non_blocking=non_blocking)  # noqa: E731
+        return PaddedItems(mv(self.codes), mv(self.lengths), mv(self.item),
+                           {k: mv(v) for k, v in self.sparse.items()}, {k: mv(v) for k, v in self.dense.items()})
+
+
+def _is_padded(seq) -> bool:
+    return isinstance(seq, PaddedItems)
+
+
+def seq_lengths(seq) -> torch.Tensor:
+    """int64 ``[B]`` items per user of a jagged or padded pathway."""
+    return seq.lengths.long() if _is_padded(seq) else (seq.offsets[1:] - seq.offsets[:-1]).long()
+
+
+def right_align(values: torch.Tensor, seq, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Place each user's items in ``max_len`` slots, the newest in the last slot.
+
+    ``values``: ``[T, ...]`` per item of a jagged pathway or ``[B, N, ...]`` of a padded one. Returns
+    (``[B, max_len, ...]`` with zeros in empty slots, bool mask ``[B, max_len]``). One gather, no host sync;
+    a user with more than ``max_len`` items is a caller error (``OneRec.check_batch`` checks on the host).
+    """
+    lengths = seq_lengths(seq)
+    B = lengths.numel()
+    if values.numel() == 0:  # no items anywhere in the batch
+        tail = tuple(values.shape[2:] if _is_padded(seq) else values.shape[1:])
+        return values.new_zeros((B, max_len) + tail), torch.zeros(B, max_len, dtype=torch.bool, device=values.device)
+    slot = torch.arange(max_len, device=values.device)
+    src = slot[None, :] - (max_len - lengths[:, None])  # index within the user's items; < 0: empty slot
+    mask = src >= 0
+    if _is_padded(seq):
+        flat = values.flatten(0, 1)
+        start = torch.arange(B, device=values.device) * values.shape[1]
+    else:
+        flat = values
+        start = seq.offsets[:-1].long()
+    # Empty slots of a user with no items would point one past its segment: clamp into range (masked).
+    idx = (start[:, None] + src.clamp_min(0)).clamp_max(flat.shape[0] - 1)
+    out = flat[idx].masked_fill(~mask.view(B, max_len, *([1] * (flat.dim() - 1))), 0)
+    return out, mask
+
+
+@dataclass
+class EncoderOutput:
+    states: torch.Tensor  # [B, S, d] encoder states (padding slots hold finite garbage)
+    mask: torch.Tensor  # bool [B, S]: True where a real token sits
+
+
+def _signed_log1p(x: torch.Tensor) -> torch.Tensor:
+    # Continuous features (seconds, timestamps) span many orders of magnitude; compress them first.
+    return torch.sign(x) * torch.log1p(x.abs())
+
+
+class _MLP(nn.Sequential):
+    """Dense -> LeakyReLU -> Dense, the TR's per-pathway projection."""
+
+    def __init__(self, d_in: int, d_out: int):
+        super().__init__(nn.Linear(d_in, d_out), nn.LeakyReLU(0.1), nn.Linear(d_out, d_out))
+
+
+class ItemFeatureEmbedding(nn.Module):
+    """Per-item input features -> one vector ``[..., out_dim]``: the L code embeddings, one embedding per
+    categorical feature (``"item"`` reads the item ids, the others the pathway's ``sparse`` dict), and a
+    linear map of the (log-compressed) continuous features (the pathway's ``dense`` dict).
+
+    The sparse ID tables live in ``self.sparse`` so parameter counts can leave them out."""
+
+    def __init__(self, cfg: OneRecConfig):
+        super().__init__()
+        self.code_emb = nn.ModuleList(nn.Embedding(v, cfg.code_dim) for v in cfg.vocab_sizes)
+        # Keys get a suffix: feature names such as "forward" would clash with nn.ModuleDict attributes.
+        self.sparse = nn.ModuleDict({f"{k}_emb": nn.Embedding(n, cfg.d_feat) for k, n in cfg.item_cat_features.items()})
+        self.dense_names = tuple(cfg.item_num_features)
+        self.dense = nn.Linear(len(self.dense_names), cfg.d_feat) if self.dense_names else None
+        self.out_dim = (cfg.code_levels * cfg.code_dim + len(self.sparse) * cfg.d_feat
+                        + (cfg.d_feat if self.dense_names else 0))
+
+    def forward(self, seq) -> torch.Tensor:
+        parts = [emb(seq.codes[..., lvl]) for lvl, emb in enumerate(self.code_emb)]
+        for key, emb in self.sparse.items():
+            name = key.removesuffix("_emb")
+            ids = seq.item if name == "item" else seq.sparse.get(name)
+            if ids is None:
+                raise KeyError(f"item feature {name!r} is in the model config but missing from the batch "
+                               f"(batch has {sorted(seq.sparse)})")
+            parts.append(emb(ids))
+        if self.dense is not None:
+            missing = [n for n in self.dense_names if n not in seq.dense]
+            if missing:
+                raise KeyError(f"continuous item features {missing} are in the model config but missing from the "
+                               f"batch (batch has {sorted(seq.dense)})")
+            x = torch.stack([seq.dense[n].float() for n in self.dense_names], dim=-1)
+            parts.append(self.dense(_signed_log1p(x).to(self.dense.weight.dtype)))
+        return torch.cat(parts, dim=-1)
+
+
+class EncoderLayer(nn.Module):
+    """Pre-RMSNorm block: full self-attention with a key padding mask, then the FFN."""
+
+    def __init__(self, cfg: OneRecConfig):
+        super().__init__()
+        self.norm1 = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.attn = Attention(cfg.d_model, cfg.n_heads)
+        self.norm2 = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.ffn = make_ffn(cfg, "enc")
+
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+        h = self.norm1(x)
+        x = x + self.attn(h, h, key_mask)
+        return x + self.ffn(self.norm2(x))
+
+
+class OneRecEncoder(nn.Module):
+    """Encodes a batch of users into ``[B, cfg.enc_len, d_model]`` states plus their validity mask."""
+
+    def __init__(self, cfg: OneRecConfig):
+        super().__init__()
+        from onerec_fast.modules.qformer import QFormer
+
+        self.cfg = cfg
+        d = cfg.d_model
+        self.static_sparse = nn.ModuleDict({f"{k}_emb": nn.Embedding(n, cfg.d_feat) for k, n in cfg.static_features.items()})
+        # A user without static features still gets the static token (from a constant input).
+        self.static_mlp = _MLP(max(1, len(cfg.static_features)) * cfg.d_feat, d)
+        self.item_features = ItemFeatureEmbedding(cfg)
+        fin = self.item_features.out_dim
+        self.short_mlp = _MLP(fin, d)
+        self.pos_mlp = _MLP(fin, d)
+        self.lifelong_mlp = _MLP(fin, d)
+        self.qformer = QFormer(d, num_queries=cfg.num_queries, num_blocks=cfg.qformer_blocks,
+                               num_heads=cfg.n_heads, d_ff=cfg.d_ff, backend=cfg.backend)
+        self.pos_emb = nn.Parameter(torch.randn(cfg.enc_len, d) * 0.02)
+        self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.enc_layers))
+        self.norm = nn.RMSNorm(d, eps=cfg.norm_eps)
+
+    # -- pathways ---------------------------------------------------------------------------------------
+    def static_token(self, static: dict[str, torch.Tensor], batch_size: int, device) -> torch.Tensor:
+        """``static: {name: int64 [B]}`` -> ``[B, 1, d]``."""
+        if not self.static_sparse:
+            x = torch.ones(batch_size, self.cfg.d_feat, device=device)
+        else:
+            names = [k.removesuffix("_emb") for k in self.static_sparse]
+            missing = [k for k in names if k not in static]
+            if missing:
+                raise KeyError(f"static features {missing} are in the model config but missing from the batch "
+                               f"(batch has {sorted(static)})")
+            x = torch.cat([emb(static[k]) for k, emb in zip(names, self.static_sparse.values())], dim=-1)
+        return self.static_mlp(x).unsqueeze(1)
+
+    def item_tokens(self, seq, mlp: nn.Module, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One pathway's items -> right-aligned tokens ``[B, max_len, d]`` and validity mask ``[B, max_len]``."""
+        return right_align(mlp(self.item_features(seq)), seq, max_len)
+
+    def lifelong_tokens(self, seq) -> torch.Tensor:
+        """Compressed lifelong items -> ``[B, num_queries, d]`` through the QFormer."""
+        x = self.lifelong_mlp(self.item_features(seq))
+        # Offsets/lengths were validated on the host (OneRec.check_batch): no device sync here.
+        if _is_padded(seq):
+            return self.qformer(x, lengths=seq.lengths, validate=False)
+        return self.qformer(x, offsets=seq.offsets, max_len=seq.max_len or None, validate=False)
+
+    # -- the whole encoder ------------------------------------------------------------------------------
+    def forward(self, static: dict[str, torch.Tensor], short, positive, lifelong) -> EncoderOutput:
+        """``static: {name: int64 [B]}``; ``short``/``positive``/``lifelong``: ``JaggedItems`` or
+        :class:`PaddedItems`. Returns states ``[B, enc_len, d]`` and their mask."""
+        cfg = self.cfg
+        lengths = seq_lengths(short)
+        B, device = lengths.numel(), short.codes.device
+        s_tok = self.static_token(static, B, device)
+        sh, sh_mask = self.item_tokens(short, self.short_mlp, cfg.short_len)
+        po, po_mask = self.item_tokens(positive, self.pos_mlp, cfg.pos_len)
+        ll = self.lifelong_tokens(lifelong)
+        x = torch.cat([s_tok, sh, po, ll.to(s_tok.dtype)], dim=1) + self.pos_emb
+        ones = torch.ones(B, 1, dtype=torch.bool, device=device)
+        mask = torch.cat([ones, sh_mask, po_mask, ones.expand(B, cfg.num_queries)], dim=1)
+        key_mask = mask[:, None, None, :]  # [B, 1, 1, S]: padding never serves as a key
+        for layer in self.layers:
+            x = layer(x, key_mask)
+        return EncoderOutput(self.norm(x), mask)
+
+    def flops(self, short_len: torch.Tensor, pos_len: torch.Tensor, lifelong_len: torch.Tensor,
+              backward: bool = False) -> float:
+        """Useful FLOPs of one forward (x3 with backward) for users with the given per-pathway lengths
+        (int64 ``[B]`` CPU tensors): GEMMs over real tokens, attention over real query/key pairs, the
+        QFormer. Padding slots are not counted."""
+        from onerec_fast.perf.flops import attention_flops
+
+        cfg = self.cfg
+        d = cfg.d_model
+        n_items = float((short_len + pos_len + lifelong_len).sum())
+        seq = (1 + short_len + pos_len + cfg.num_queries).tolist()
+        tokens = float(sum(seq))
+        fin = self.item_features.out_dim
+        f = 2.0 * n_items * (fin * d + d * d) + 2.0 * len(seq) * (self.static_mlp[0].in_features * d + d * d)
+        f += cfg.enc_layers * (2.0 * tokens * (4 * d * d + cfg.ffn_weights_per_token("enc"))
+                               + attention_flops(seq, seq, cfg.n_heads, cfg.head_dim))
+        f += self.qformer_flops(lifelong_len)
+        return f * (3.0 if backward else 1.0)
+
+    def qformer_flops(self, lifelong_len: torch.Tensor) -> float:
+        """QFormer FLOPs: per block the queries' projections (cross q/o, self q/k/v/o) and SwiGLU, the
+        items' K/V projections, cross-attention over the real items and self-attention among queries."""
+        from onerec_fast.perf.flops import attention_flops
+
+        cfg = self.cfg
+        d, q, B = cfg.d_model, cfg.num_queries, lifelong_len.numel()
+        per_block = (2.0 * B * q * (6 * d * d + 3 * d * cfg.d_ff) + 2.0 * float(lifelong_len.sum()) * 2 * d * d
+                     + attention_flops([q] * B, lifelong_len.tolist(), cfg.n_heads, cfg.head_dim)
+                     + attention_flops([q] * B, [q] * B, cfg.n_heads, cfg.head_dim))
+        return cfg.qformer_blocks * per_block

@@ -1,0 +1,199 @@
+"""``OneRec``: the encoder-decoder generative recommender (TR 2.2-2.3) with trie-constrained generation.
+
+Usage::
+
+    model = OneRec(OneRecConfig.preset("tiny", **features_from_dataset(ds, item_codes)), item_codes)
+    loss = model(batch)                      # batch: onerec_fast.data.UserBatch on the model's device
+    loss.backward(); opt.step(); model.update_expert_bias()
+    out = model.generate(batch, beam_size=128, num_return=10)   # out.item_ids [B, 10], out.scores [B, 10]
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from onerec_fast.model.config import OneRecConfig
+from onerec_fast.model.decoder import OneRecDecoder
+from onerec_fast.model.encoder import EncoderOutput, OneRecEncoder, seq_lengths
+from onerec_fast.model.layers import moe_layers
+
+__all__ = ["OneRec", "GenerateOutput", "features_from_dataset"]
+
+
+class GenerateOutput(NamedTuple):
+    item_ids: torch.Tensor  # int64 [B, K], best first; -1 where fewer than K items are reachable
+    scores: torch.Tensor  # float32 [B, K]: log-probability of the item's codes (-inf for empty slots)
+    codes: torch.Tensor  # int64 [B, K, L] (-1 for empty slots)
+
+
+def features_from_dataset(ds, item_codes: torch.Tensor | None = None, *, use_item_id: bool = True) -> dict:
+    """Config fields describing a ``onerec_fast.data.UserSequenceDataset``'s features: static (uid + user
+    features), categorical item features (item id, item and engagement labels), continuous ones
+    (``timestamp`` + engagement + item continuous features), and the code levels / codebook sizes of
+    ``item_codes: [I, L]`` (defaults to the dataset's codes)."""
+    codes = torch.as_tensor(ds.codes if item_codes is None else item_codes)
+    card = ds.cardinalities
+    static = {"uid": ds.log.num_users, **{k: card[k] for k in ds.user_sparse}}
+    item_cat = ({"item": ds.log.num_items} if use_item_id else {})
+    item_cat.update({k: card[k] for k in (*ds.item_sparse, *ds.row_sparse)})
+    return {
+        "static_features": static,
+        "item_cat_features": item_cat,
+        "item_num_features": ("timestamp", *ds.row_dense, *ds.item_dense),
+        "code_levels": codes.shape[1],
+        "codebook_size": tuple(int(v) + 1 for v in codes.max(dim=0).values.tolist()),
+    }
+
+
+class OneRec(nn.Module):
+    """Encoder + decoder; ``item_codes: int64 [I, L]`` (item i has codes ``item_codes[i]``) defines the
+    items generation may return (a ``SemanticIDTrie`` built on first use on each device)."""
+
+    def __init__(self, cfg: OneRecConfig, item_codes: torch.Tensor | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = OneRecEncoder(cfg)
+        self.decoder = OneRecDecoder(cfg)
+        self._init_weights()
+        self._tries: dict[torch.device, object] = {}
+        self.register_buffer("item_codes", torch.zeros(0, cfg.code_levels, dtype=torch.int64), persistent=True)
+        if item_codes is not None:
+            self.set_items(item_codes)
+
+    def _init_weights(self) -> None:
+        """N(0, 0.02) for our linear and embedding weights (GPT-2 style), residual output projections
+        scaled by 1/sqrt(2 * layers); the MoE and QFormer modules keep their own initialisation."""
+        std = 0.02
+        own = [self.encoder.static_sparse, self.encoder.static_mlp, self.encoder.item_features,
+               self.encoder.short_mlp, self.encoder.pos_mlp, self.encoder.lifelong_mlp, self.encoder.layers,
+               self.decoder.code_emb, self.decoder.layers, self.decoder.heads]
+        for block in own:
+            for m in block.modules():
+                if isinstance(m, (nn.Linear, nn.Embedding)):
+                    nn.init.normal_(m.weight, std=std)
+                    if isinstance(m, nn.Linear) and m.bias is not None:
+                        nn.init.zeros_(m.bias)
+        n = self.cfg.enc_layers + self.cfg.dec_layers
+        for layer in [*self.encoder.layers, *self.decoder.layers]:
+            for name, p in layer.named_parameters():
+                if name.endswith(("attn.o.weight", "w2.weight")):
+                    nn.init.normal_(p, std=std / (2 * n) ** 0.5)
+
+    # -- items ---------------------------------------------------------------------------------------------
+    def set_items(self, item_codes: torch.Tensor) -> None:
+        """Set the catalogue: ``item_codes: int64 [I, L]`` with codes inside the config's codebooks."""
+        codes = torch.as_tensor(item_codes)
+        if codes.dim() != 2 or codes.shape[1] != self.cfg.code_levels:
+            raise ValueError(f"item_codes must be [num_items, {self.cfg.code_levels}], got {tuple(codes.shape)}")
+        hi = torch.tensor(self.cfg.vocab_sizes)
+        if codes.numel() and (bool((codes.min(0).values < 0).any()) or bool((codes.max(0).values.cpu() >= hi).any())):
+            raise ValueError(f"item_codes must lie in [0, codebook_size) per level {self.cfg.vocab_sizes}")
+        self.item_codes = codes.to(self.item_codes.device, torch.int64)
+        self._tries.clear()
+
+    def trie(self, device: torch.device | None = None):
+        """The ``SemanticIDTrie`` of the catalogue on ``device`` (built once per device)."""
+        from onerec_fast.decoding.trie import SemanticIDTrie
+
+        device = torch.device(device) if device is not None else self.item_codes.device
+        if self.item_codes.shape[0] == 0:
+            raise RuntimeError("no catalogue: pass item_codes to OneRec(...) or call set_items() before generating")
+        if device not in self._tries:
+            self._tries[device] = SemanticIDTrie(self.item_codes.to(device), list(self.cfg.vocab_sizes))
+        return self._tries[device]
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # The catalogue's size comes from the checkpoint, not from this model's (possibly empty) buffer.
+        key = prefix + "item_codes"
+        if key in state_dict:
+            self.item_codes = torch.empty_like(state_dict[key], device=self.item_codes.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._tries.clear()
+
+    # -- batches ---------------------------------------------------------------------------------------------
+    def check_batch(self, batch) -> None:
+        """Host-side checks of a ``UserBatch`` (call before moving it to the GPU): every pathway fits its
+        slots and the target codes match the code levels. Raises ValueError naming the field."""
+        cfg = self.cfg
+        for name, limit in (("short", cfg.short_len), ("positive", cfg.pos_len), ("lifelong", cfg.lifelong_len)):
+            seq = getattr(batch, name)
+            longest = int(seq_lengths(seq).max()) if len(batch) else 0
+            if longest > limit:
+                raise ValueError(f"batch.{name} has a user with {longest} items, more than the model's {limit} "
+                                 f"(config {name if name != 'positive' else 'pos'}_len); nothing is truncated")
+        if batch.target_codes.dim() != 2 or batch.target_codes.shape[1] != cfg.code_levels:
+            raise ValueError(f"batch.target_codes must be [B, {cfg.code_levels}], got {tuple(batch.target_codes.shape)}")
+
+    def encode(self, batch) -> EncoderOutput:
+        """Encoder states of a ``UserBatch`` (``static`` = ``uid`` + ``user_feats``)."""
+        static = {"uid": batch.user, **batch.user_feats}
+        return self.encoder(static, batch.short, batch.positive, batch.lifelong)
+
+    def forward(self, batch) -> torch.Tensor:
+        """Training loss of a ``UserBatch``: next-token cross-entropy over the target's L codes, plus the
+        MoE auxiliary losses when their coefficients are non-zero."""
+        loss = self.decoder.loss(batch.target_codes, self.encode(batch))
+        if self.cfg.moe_aux_loss_coef or self.cfg.moe_z_loss_coef:
+            loss = loss + sum(m.aux_loss() for m in moe_layers(self))
+        return loss
+
+    def code_logits(self, batch) -> list[torch.Tensor]:
+        """Teacher-forced logits per level, ``[B, V_l]`` each, for ``batch.target_codes``."""
+        return self.decoder(batch.target_codes, self.encode(batch))
+
+    def update_expert_bias(self) -> None:
+        """Loss-free load balancing: nudge every MoE layer's expert bias by ``cfg.expert_bias_rate`` from the
+        load of its last forward (call once per optimizer step)."""
+        for m in moe_layers(self):
+            m.update_expert_bias(self.cfg.expert_bias_rate)
+
+    # -- generation --------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, batch, beam_size: int = 128, num_return: int | None = None, normalize: str = "full",
+                 search_backend: str = "auto") -> GenerateOutput:
+        """Top ``num_return`` (default ``beam_size``) catalogue items per user by trie-constrained beam
+        search, best first. The encoder runs once per user; its cross-attention keys/values are shared by
+        the user's beams; the decoder keeps a per-beam self-attention KV cache reordered by the search's
+        parent indices."""
+        from onerec_fast.decoding.beam_search import constrained_beam_search
+
+        k = beam_size if num_return is None else num_return
+        if not 1 <= k <= beam_size:
+            raise ValueError(f"num_return must be in [1, beam_size={beam_size}], got {num_return}")
+        enc = self.encode(batch)
+        device = enc.states.device
+        trie = self.trie(device)
+        state = self.decoder.start(enc)
+
+        def step_fn(prefix: torch.Tensor, search_state) -> torch.Tensor:
+            t = search_state.step
+            token = prefix[:, :, t - 1] if t > 0 else None
+            return self.decoder.step(state, t, token, search_state.parents, beam_size).float()
+
+        res = constrained_beam_search(step_fn, trie, len(batch), beam_size, normalize, backend=search_backend)
+        return GenerateOutput(res.item_ids[:, :k], res.scores[:, :k], res.codes[:, :k])
+
+    # -- accounting ----------------------------------------------------------------------------------------------
+    def num_parameters(self, include_sparse: bool = False) -> int:
+        """Parameter count; by default without the sparse ID tables (user/item/feature embeddings), whose
+        size grows with the dataset: the count the preset names refer to."""
+        sparse = {id(p) for mod in (self.encoder.static_sparse, self.encoder.item_features.sparse)
+                  for p in mod.parameters()}
+        return sum(p.numel() for p in self.parameters() if include_sparse or id(p) not in sparse)
+
+    def flops(self, batch, backward: bool = False) -> float:
+        """Useful FLOPs of a training forward (x3 with ``backward``) on ``batch`` (its offsets read on the
+        host: pass the CPU batch)."""
+        sl, pl, ll = (seq_lengths(getattr(batch, n)).cpu() for n in ("short", "positive", "lifelong"))
+        enc_lens = (1 + sl + pl + self.cfg.num_queries).tolist()
+        return self.encoder.flops(sl, pl, ll, backward) + self.decoder.flops(len(batch), enc_lens, backward)
+
+    def generate_flops(self, batch, beam_size: int) -> float:
+        """Useful FLOPs of :meth:`generate`: the encoder, the cross-attention K/V, and each decoding step."""
+        sl, pl, ll = (seq_lengths(getattr(batch, n)).cpu() for n in ("short", "positive", "lifelong"))
+        enc_lens = (1 + sl + pl + self.cfg.num_queries).tolist()
+        f = self.encoder.flops(sl, pl, ll) + self.decoder.cross_kv_flops(enc_lens)
+        return f + sum(self.decoder.step_flops(len(batch), beam_size, t, enc_lens) for t in range(self.cfg.code_levels))

@@ -1,0 +1,155 @@
+"""Baselines evaluated next to OneRec on the same leave-one-out split: most-popular and a SASRec-style model.
+
+Split (the one ``onerec_fast.data.UserSequenceDataset`` uses): users with >= 3 interactions have their last
+item as the test target and the second-to-last as the validation target; training sees only the earlier
+rows (all rows of users with fewer than 3). At test time a model reads the whole history before the test
+item (validation item included), as OneRec's test samples do.
+
+* :func:`popularity_topk`: the items with most training interactions, the same list for everyone.
+* :class:`SASRec` (Kang & McAuley 2018, with a full-softmax loss instead of one sampled negative): item +
+  learned position embeddings, causal pre-norm transformer blocks, scores = last state . item embeddings.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from onerec_fast.train.progress import ProgressBar
+
+__all__ = ["train_rows", "popularity_topk", "SASRec", "SASRecConfig", "train_sasrec", "sasrec_topk"]
+
+
+def train_rows(log) -> np.ndarray:
+    """bool ``[E]``: rows that are training interactions (not a user's validation or test target)."""
+    offsets = log.user_offsets()
+    lens = np.diff(offsets)
+    keep = np.ones(len(log), dtype=bool)
+    full = np.flatnonzero(lens >= 3)
+    keep[offsets[full + 1] - 1] = False
+    keep[offsets[full + 1] - 2] = False
+    return keep
+
+
+def popularity_topk(log, k: int) -> torch.Tensor:
+    """int64 ``[k]``: the ``k`` items with most training interactions (ties: lower item id)."""
+    counts = np.bincount(log.item[train_rows(log)], minlength=log.num_items)
+    order = np.lexsort((np.arange(log.num_items), -counts))
+    return torch.from_numpy(order[:k].astype(np.int64))
+
+
+@dataclass
+class SASRecConfig:
+    d_model: int = 64
+    n_heads: int = 2
+    n_layers: int = 2
+    max_len: int = 50
+    dropout: float = 0.2
+    lr: float = 1e-3
+    epochs: int = 100
+    batch_size: int = 128
+    seed: int = 0
+
+
+class SASRec(nn.Module):
+    """Causal self-attentive sequential recommender over item ids (0 is padding; item ``i`` is token ``i+1``)."""
+
+    def __init__(self, num_items: int, cfg: SASRecConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.item_emb = nn.Embedding(num_items + 1, cfg.d_model, padding_idx=0)
+        self.pos_emb = nn.Embedding(cfg.max_len, cfg.d_model)
+        layer = nn.TransformerEncoderLayer(cfg.d_model, cfg.n_heads, 4 * cfg.d_model, cfg.dropout,
+                                           batch_first=True, norm_first=True)
+        self.blocks = nn.TransformerEncoder(layer, cfg.n_layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+        # Small item embeddings: they double as the output layer, so N(0, 1) would start with huge logits.
+        nn.init.normal_(self.item_emb.weight, std=cfg.d_model ** -0.5)
+        with torch.no_grad():
+            self.item_emb.weight[0].zero_()
+
+    def forward(self, seq: torch.Tensor) -> torch.Tensor:
+        """``seq: int64 [B, max_len]`` tokens, left-padded with 0 -> states ``[B, max_len, d]``."""
+        n = seq.shape[1]
+        x = self.item_emb(seq) * math.sqrt(self.cfg.d_model) + self.pos_emb.weight[:n]
+        causal = torch.triu(torch.ones(n, n, dtype=torch.bool, device=seq.device), 1)
+        # Left padding (token 0, zero embedding) stays visible as keys, as in SASRec: with the causal mask
+        # every row keeps at least one key, and real positions learn to ignore the padding.
+        h = self.blocks(self.drop(x), mask=causal)
+        return self.norm(h)
+
+    def scores(self, states: torch.Tensor) -> torch.Tensor:
+        """``[..., d]`` -> ``[..., num_items]`` (padding token excluded)."""
+        return states @ self.item_emb.weight[1:].t()
+
+
+def _windows(log, rows: np.ndarray, max_len: int, test: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Left-padded token windows ``[N, max_len]`` and targets: for training, consecutive windows of
+    ``max_len + 1`` items of each user's training rows (input = first max_len, target = shifted by one);
+    for testing, the ``max_len`` items before each test target."""
+    offsets = log.user_offsets()
+    seqs, tgts = [], []
+    for u in range(log.num_users):
+        a, b = offsets[u], offsets[u + 1]
+        if test:
+            if b - a < 3:
+                continue
+            hist = log.item[a:b - 1][-max_len:] + 1
+            seqs.append(np.pad(hist, (max_len - len(hist), 0)))
+            tgts.append(np.array([log.item[b - 1]]))
+            continue
+        items = log.item[a:b][rows[a:b]] + 1
+        for end in range(len(items), 1, -max_len):
+            w = items[max(0, end - max_len - 1):end]
+            inp, out = w[:-1], w[1:] - 1
+            pad = max_len - len(inp)
+            seqs.append(np.pad(inp, (pad, 0)))
+            tgts.append(np.pad(out, (pad, 0), constant_values=-100))
+    return np.stack(seqs).astype(np.int64), np.stack(tgts).astype(np.int64)
+
+
+def train_sasrec(log, cfg: SASRecConfig | None = None, device="cpu", show_progress: bool = True) -> SASRec:
+    """Train a :class:`SASRec` on the training rows of ``log`` (full-softmax next-item loss)."""
+    cfg = cfg or SASRecConfig()
+    g = torch.Generator().manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    seqs, tgts = (torch.from_numpy(a) for a in _windows(log, train_rows(log), cfg.max_len, test=False))
+    model = SASRec(log.num_items, cfg).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.98))
+    n = seqs.shape[0]
+    steps = cfg.epochs * math.ceil(n / cfg.batch_size)
+    bar = ProgressBar(steps, "SASRec") if show_progress else None
+    model.train()
+    for _ in range(cfg.epochs):
+        perm = torch.randperm(n, generator=g)
+        for i in range(0, n, cfg.batch_size):
+            idx = perm[i:i + cfg.batch_size]
+            s, t = seqs[idx].to(device), tgts[idx].to(device)
+            keep = t != -100  # score only positions with a target (left padding has none)
+            loss = F.cross_entropy(model.scores(model(s)[keep]), t[keep])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if bar is not None:
+                bar.update(1, loss=loss.item())
+    if bar is not None:
+        bar.close()
+    return model.eval()
+
+
+@torch.no_grad()
+def sasrec_topk(model: SASRec, log, k: int, device="cpu", batch_size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+    """(top-``k`` items ``[U', k]``, test targets ``[U']``) for the users with a test item, in user order."""
+    seqs, tgts = (torch.from_numpy(a) for a in _windows(log, train_rows(log), model.cfg.max_len, test=True))
+    model.eval()
+    out = []
+    for i in range(0, seqs.shape[0], batch_size):
+        states = model(seqs[i:i + batch_size].to(device))[:, -1]
+        out.append(model.scores(states).topk(k, dim=-1).indices.cpu())
+    return torch.cat(out), tgts[:, 0]

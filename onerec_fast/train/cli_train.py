@@ -1,0 +1,82 @@
+"""``onerec-fast train``: pretrain a OneRec preset on a data source, with checkpoints and exact resume.
+
+    onerec-fast train --data ../shared/data/ml-100k --preset tiny --steps 2000 --out runs/ml100k
+    onerec-fast train ... --resume            # continue from runs/ml100k/checkpoint.pt
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from onerec_fast.train.cli_common import add_data_arguments
+
+
+def add_arguments(parser) -> None:
+    add_data_arguments(parser)
+    parser.add_argument("--preset", default="tiny", help="model size: tiny, 0.015b, 0.121b, 0.935b, 2.6b")
+    parser.add_argument("--pos-len", type=int, default=None, help="positive-feedback items per user (default: preset)")
+    parser.add_argument("--lifelong-len", type=int, default=None,
+                        help="lifelong items per user before hierarchical compression (default: preset)")
+    parser.add_argument("--steps", type=int, default=1000, help="optimizer steps in the whole run")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--warmup", type=int, default=100, help="linear warmup steps")
+    parser.add_argument("--weight-decay", type=float, default=0.01)
+    parser.add_argument("--grad-clip", type=float, default=1.0)
+    parser.add_argument("--ckpt-every", type=int, default=200, help="checkpoint period in steps (0: only at the end)")
+    parser.add_argument("--log-every", type=int, default=10)
+    parser.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
+    parser.add_argument("--backend", default="auto", help="backend of the fused modules: auto, triton, cuda, reference")
+    parser.add_argument("--no-amp", action="store_true", help="fp32 on CUDA (default: bf16 autocast)")
+    parser.add_argument("--out", default="runs/train", help="folder for checkpoint.pt, metrics.jsonl/.csv, loss.png")
+    parser.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
+
+
+def build_trainer(args, prepared, synthetic: dict | None = None, show_progress: bool = True):
+    """A Trainer for a prepared data source, with the preset sized to its pathways and codes."""
+    import torch
+
+    from onerec_fast.model.config import OneRecConfig
+    from onerec_fast.model.onerec import OneRec, features_from_dataset
+    from onerec_fast.train.cli_common import resolve_device, run_meta
+    from onerec_fast.train.pretrain import Trainer, TrainConfig
+
+    bc = prepared.batch_config
+    ds = prepared.datasets["train"]
+    cfg = OneRecConfig.preset(args.preset, short_len=bc.short_len, pos_len=bc.positive_len,
+                              lifelong_len=bc.lifelong_len, backend=args.backend,
+                              **features_from_dataset(ds, prepared.item_codes))
+    torch.manual_seed(args.seed)
+    model = OneRec(cfg, prepared.item_codes)
+    tc = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup,
+                     weight_decay=args.weight_decay, grad_clip=args.grad_clip, seed=args.seed,
+                     amp=not args.no_amp, log_every=args.log_every, ckpt_every=args.ckpt_every,
+                     num_workers=args.num_workers)
+    return Trainer(model, ds, tc, resolve_device(args.device), out_dir=args.out, show_progress=show_progress,
+                   meta=run_meta(args, prepared, synthetic))
+
+
+def run(args) -> int:
+    from onerec_fast.model.config import OneRecConfig
+    from onerec_fast.train.cli_common import resolve_device, synthetic_overrides
+    from onerec_fast.train.pipeline import prepare
+    from onerec_fast.train.pretrain import plot_metrics
+
+    preset = OneRecConfig.preset(args.preset)
+    synthetic = synthetic_overrides(args.synthetic)
+    prepared = prepare(args.data, seed=args.seed, codebook_size=args.codebook_size, short_len=preset.short_len,
+                       positive_len=args.pos_len or preset.pos_len,
+                       lifelong_len=args.lifelong_len or preset.lifelong_len, synthetic=synthetic, splits=("train",))
+    resolve_device(args.device, args.threads)
+    trainer = build_trainer(args, prepared, synthetic)
+    ckpt = Path(args.out) / "checkpoint.pt"
+    if args.resume:
+        trainer.resume(ckpt)
+        print(f"resumed from {ckpt} at step {trainer.step}")
+    m = trainer.model
+    print(f"model {m.cfg.name}: {m.num_parameters() / 1e6:.2f}M dense parameters "
+          f"({m.num_parameters(include_sparse=True) / 1e6:.2f}M with ID tables) on {trainer.device}")
+    trainer.train()
+    print(f"checkpoint: {ckpt}")
+    print(plot_metrics(Path(args.out) / "metrics.jsonl", Path(args.out) / "loss.png"))
+    return 0

@@ -1,0 +1,212 @@
+"""OneRec model: preset sizes, shapes through each pathway, jagged vs padded encoder, causal decoder,
+constrained generation against brute-force scoring, batch checks."""
+
+import math
+
+import pytest
+import torch
+
+from onerec_fast.model.config import PARAM_MARGIN, PRESETS, OneRecConfig, nominal_parameters
+from onerec_fast.model.encoder import PaddedItems
+from onerec_fast.model.onerec import OneRec
+from tests.helpers import DEVICES
+from tests.model_world import POS, QUERIES, SHORT, batch_of, make_model, one_thread, world  # noqa: F401 (fixtures)
+
+
+def _model(ds, codes, device, **overrides):
+    """The tiny test model on ``device``: plain-PyTorch modules on CPU, the fused kernels on CUDA."""
+    backend = "reference" if device == "cpu" else "auto"
+    return make_model(ds, codes, backend=backend, **overrides).to(device)
+
+
+def _assert_same(a, b, device, what=""):
+    # CPU runs are bit-exact; GPU kernels may tile differently with different batch contents (TF32 too).
+    if device == "cpu":
+        assert torch.equal(a, b), what
+    else:
+        torch.testing.assert_close(a, b, rtol=2e-3, atol=2e-3, msg=what)
+
+
+@pytest.mark.parametrize("name", [n for n in PRESETS if n != "tiny"])
+def test_preset_parameter_count_matches_name(name):
+    with torch.device("meta"):  # no memory: the 2.6B model is only counted
+        model = OneRec(OneRecConfig.preset(name))
+    n, nominal = model.num_parameters(), nominal_parameters(name)
+    print(f"{name}: {n / 1e6:.1f}M dense parameters ({n / nominal:.3f} of the name)")
+    assert abs(n / nominal - 1) <= PARAM_MARGIN, f"{name}: {n} parameters, {n / nominal:.3f} of {nominal:.3g}"
+    assert model.num_parameters(include_sparse=True) > n  # the sparse ID tables exist but are not counted
+
+
+def test_presets_shape():
+    assert math.isnan(nominal_parameters("tiny"))
+    c = OneRecConfig.preset("0.935b")
+    assert (c.dec_moe_experts, c.dec_moe_top_k, c.enc_moe_experts) == (24, 2, 0)
+    c = OneRecConfig.preset("2.6b")
+    assert (c.enc_moe_experts, c.enc_moe_top_k, c.dec_moe_experts, c.dec_moe_top_k) == (24, 4, 24, 4)
+    assert c.enc_layers + c.dec_layers == 24
+    assert OneRecConfig.preset("0.121b").enc_len == 405
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(d_model=30, n_heads=4), "divisible"),
+    (dict(dec_moe_experts=4, dec_moe_top_k=5), "dec_moe_top_k"),
+    (dict(codebook_size=(8, 8)), "codebook_size"),
+    (dict(short_len=0), "short_len"),
+])
+def test_config_errors(bad, match):
+    with pytest.raises(ValueError, match=match):
+        OneRecConfig(**bad)
+    with pytest.raises(ValueError, match="preset"):
+        OneRecConfig.preset("7b")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_shapes_through_each_pathway(world, device):
+    _, codes, ds, _ = world
+    model = _model(ds, codes, device)
+    cfg, enc = model.cfg, model.encoder
+    b = batch_of(ds, range(0, 60, 7)).to(device)
+    B, d = len(b), cfg.d_model
+    static = {"uid": b.user, **b.user_feats}
+    assert enc.static_token(static, B, device).shape == (B, 1, d)
+    for name, mlp, n in (("short", enc.short_mlp, SHORT), ("positive", enc.pos_mlp, POS)):
+        seq = getattr(b, name)
+        tok, mask = enc.item_tokens(seq, mlp, n)
+        assert tok.shape == (B, n, d) and mask.shape == (B, n)
+        assert torch.equal(mask.sum(1), seq.lengths())
+        assert torch.all(mask[:, -1] == (seq.lengths() > 0))  # right-aligned: the newest item sits last
+    assert enc.lifelong_tokens(b.lifelong).shape == (B, QUERIES, d)
+    out = model.encode(b)
+    assert out.states.shape == (B, cfg.enc_len, d) and out.mask.shape == (B, cfg.enc_len)
+    assert cfg.enc_len == 1 + SHORT + POS + QUERIES
+    logits = model.code_logits(b)
+    assert [tuple(lg.shape) for lg in logits] == [(B, v) for v in cfg.vocab_sizes]
+    loss = model(b)
+    assert loss.shape == () and torch.isfinite(loss)
+    loss.backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if "heads" in n or "qformer" in n)
+
+
+def _padded(seq, extra: int = 3, seed: int = 0) -> PaddedItems:
+    """The same items padded to ``max_len + extra`` slots, with random garbage past each user's end."""
+    g = torch.Generator().manual_seed(seed)
+    lens = seq.lengths()
+    n = int(lens.max()) + extra
+
+    def pad(t):
+        out = (torch.randint(0, 2, (len(lens), n) + tuple(t.shape[1:]), generator=g) if not t.is_floating_point()
+               else torch.randn((len(lens), n) + tuple(t.shape[1:]), generator=g) * 50).to(t.dtype)
+        for b in range(len(lens)):
+            out[b, :lens[b]] = t[seq.offsets[b]:seq.offsets[b + 1]]
+        return out
+
+    return PaddedItems(pad(seq.codes), lens, pad(seq.item), {k: pad(v) for k, v in seq.sparse.items()},
+                       {k: pad(v) for k, v in seq.dense.items()})
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_encoder_jagged_equals_padded_and_per_user(world, device):
+    _, codes, ds, _ = world
+    model = _model(ds, codes, device).eval()
+    rows = [0, 1, 40, 41, 200, 5]  # includes users/positions with short histories
+    b = batch_of(ds, rows)
+    padded = [_padded(b.short).to(device), _padded(b.positive, 1).to(device), _padded(b.lifelong, 5).to(device)]
+    b = b.to(device)
+    static = {"uid": b.user, **b.user_feats}
+    tol = dict(rtol=1e-5, atol=1e-5) if device == "cpu" else dict(rtol=2e-3, atol=2e-3)
+    with torch.no_grad():
+        jag = model.encoder(static, b.short, b.positive, b.lifelong)
+        pad = model.encoder(static, *padded)
+        assert torch.equal(jag.mask, pad.mask)
+        m = jag.mask[..., None]
+        torch.testing.assert_close(jag.states * m, pad.states * m, **tol)
+        # Each user alone gives the same states: padding of other users never leaks in.
+        for i in (0, 2, 4):
+            alone = model.encode(batch_of(ds, [rows[i]]).to(device))
+            torch.testing.assert_close(alone.states[0] * m[i], jag.states[i] * m[i], **tol)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_decoder_is_causal(world, device):
+    _, codes, ds, _ = world
+    model = _model(ds, codes, device).eval()
+    b = batch_of(ds, range(8)).to(device)
+    with torch.no_grad():
+        enc = model.encode(b)
+        base = model.decoder(b.target_codes, enc)
+        for level in (1, 2):
+            changed = b.target_codes.clone()
+            changed[:, level] = (changed[:, level] + 1) % model.cfg.vocab_sizes[level]
+            out = model.decoder(changed, enc)
+            for t in range(level + 1):  # logits of code t see codes < t only
+                _assert_same(out[t], base[t], device, f"changing code {level} changed the logits of code {t}")
+            if level + 1 < len(out):
+                assert not torch.allclose(out[level + 1], base[level + 1])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("moe", [True, False])
+def test_generate_matches_brute_force(world, moe, device):
+    """With beam >= catalogue size the search is exhaustive: its top-K must equal ranking every item by
+    the sum of its codes' full-vocabulary log-probs under teacher forcing."""
+    _, codes, ds, test = world
+    model = _model(ds, codes, device, **({} if moe else {"dec_moe_experts": 0, "dec_moe_top_k": 0})).eval()
+    codes = codes.to(device)
+    # Make the distributions peaky so the ranking is well separated.
+    with torch.no_grad():
+        for h in model.decoder.heads:
+            h.weight.mul_(20)
+    b = batch_of(test, range(5)).to(device)
+    n_items, K = codes.shape[0], 10
+    out = model.generate(b, beam_size=64, num_return=K)
+    assert out.item_ids.shape == (5, K) and out.scores.shape == (5, K) and out.codes.shape == (5, K, 3)
+    assert bool((out.item_ids >= 0).all())
+    assert torch.equal(codes[out.item_ids], out.codes)  # only real items, with their own codes
+    assert bool((out.scores[:, :-1] >= out.scores[:, 1:]).all())
+    with torch.no_grad():
+        enc = model.encode(b)
+        rep = lambda t: t.repeat_interleave(n_items, 0)  # noqa: E731
+        from onerec_fast.model.encoder import EncoderOutput
+
+        logits = model.decoder(codes.repeat(5, 1), EncoderOutput(rep(enc.states), rep(enc.mask)))
+        logp = sum(lg.float().log_softmax(-1).gather(1, codes.repeat(5, 1)[:, t:t + 1])[:, 0]
+                   for t, lg in enumerate(logits)).view(5, n_items)
+    best = logp.topk(K, dim=1)
+    assert torch.equal(out.item_ids, best.indices)
+    torch.testing.assert_close(out.scores, best.values, rtol=1e-4, atol=1e-4 if device == "cpu" else 2e-2)
+    with pytest.raises(ValueError, match="num_return"):
+        model.generate(b, beam_size=4, num_return=5)
+
+
+def test_generate_fewer_items_than_beam(world):
+    _, codes, ds, test = world
+    model = make_model(ds, codes).eval()
+    model.set_items(codes[:6])  # a 6-item catalogue
+    out = model.generate(batch_of(test, range(3)), beam_size=8)
+    assert bool((out.item_ids[:, :6] >= 0).all()) and bool((out.item_ids[:, 6:] == -1).all())
+    assert bool(torch.isinf(out.scores[:, 6:]).all())
+    assert sorted(out.item_ids[0, :6].tolist()) == list(range(6))
+
+
+def test_check_batch_and_missing_features(world):
+    log, codes, ds, _ = world
+    model = make_model(ds, codes)
+    b = batch_of(ds, range(4))
+    model.check_batch(b)
+    small = make_model(ds, codes, short_len=2)
+    with pytest.raises(ValueError, match="batch.short"):
+        small.check_batch(b)
+    b.short.sparse.pop("author")
+    with pytest.raises(KeyError, match="author"):
+        model(b)
+    with pytest.raises(ValueError, match="item_codes"):
+        model.set_items(torch.full((3, 3), 9))
+
+
+def test_expert_bias_moves_after_training_step(world):
+    _, codes, ds, _ = world
+    model = make_model(ds, codes)
+    model(batch_of(ds, range(16))).backward()
+    model.update_expert_bias()
+    biases = torch.stack([layer.ffn.expert_bias for layer in model.decoder.layers])
+    assert bool((biases != 0).any())
