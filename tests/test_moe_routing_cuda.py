@@ -1,12 +1,15 @@
-"""The one-launch CUDA routing kernel (csrc/moe_routing/, ``_C.moe_route_fwd``) against ``moe_route_ref``.
+"""The one-launch CUDA routing kernel (csrc/moe_routing/, ``torch.ops.onerec_fast_C.moe_route_fwd``) against
+``moe_route_ref``.
 
 The reference runs in float64 on the same logits. Expert ids must match it except between reference
 near-ties (where the chosen experts must still be a valid top-k in descending order); counts, offsets
 and the sorted pair order must be exactly those implied by the kernel's own ids; weights and the loss
 statistics must be close. Also: exact ties (lower id first), all-equal logits, every token to one
 expert, misaligned logits, T = 0, poisoned outputs, bitwise-repeatable runs, a side stream, CUDA-graph
-capture and replay, clear errors on bad arguments, and the timing at OneRec's shape (printed; run with
-``-s``). GPU only: every test skips without CUDA or without the built kernel.
+capture and replay, and the timing at OneRec's shape (printed; run with
+``-s``). GPU only: every test skips without CUDA or without the built kernel. Bad arguments are
+rejected in Python by ``moe_route`` before the kernel (tests/test_moe_routing.py): see docs/ARCHITECTURE.md
+for why the extension is never called with them.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import torch.nn.functional as F
 
 from onerec_fast.backends import cuda_extension
 from onerec_fast.ops.moe_routing import moe_route_ref
+from onerec_fast.perf.timing import capture_cuda_graph
 from tests.helpers import HAS_CUDA, poison_, rel_err
 
 _EXT = cuda_extension() if HAS_CUDA else None
@@ -118,19 +122,6 @@ def check_routing(logits, bias, k, router, norm, outs, exact_ids=False):
     assert rel_err(lse_sq, ref.lse_sq_sum) <= STAT_RTOL, f"lse_sq_sum rel err {rel_err(lse_sq, ref.lse_sq_sum):.2e}"
 
 
-def capture(fn):
-    """A CUDA graph of ``fn()``, captured after one warm-up call on a side stream."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph
-
-
 def assert_bitwise_equal(a, b):
     for i, (x, y) in enumerate(zip(a, b)):
         xv = x.view(torch.int32) if x.dtype == torch.float32 else x
@@ -230,7 +221,7 @@ def test_cuda_graph_capture_and_replay(T, E, k, router):
     bias = make_bias(E, 21)
     b = bias if router == "sigmoid" else torch.empty(0, device="cuda")
     outs = alloc_outputs(T, E, k)
-    graph = capture(lambda: _EXT.moe_route_fwd(static, b, k, router == "sigmoid", True, *outs))
+    graph = capture_cuda_graph(lambda: _EXT.moe_route_fwd(static, b, k, router == "sigmoid", True, *outs))
     for seed in (22, 23, 24):
         fresh = make_logits(T, E, torch.bfloat16, seed)
         static.copy_(fresh)
@@ -274,7 +265,7 @@ def test_timing(T, E, k, router):
         call()
     eager = _time_us(call, 200)
     reps = 50
-    graph = capture(lambda: [call() for _ in range(reps)])
+    graph = capture_cuda_graph(lambda: [call() for _ in range(reps)])
     graph.replay()
     replay = _time_us(graph.replay, 20) / reps
     print(f"\nmoe_route_fwd T={T} E={E} k={k} {router} bf16 on {torch.cuda.get_device_name()}: "

@@ -44,6 +44,7 @@ from onerec_fast.ops.beam_step import BeamStepOutput, beam_step, beam_step_ref
 from onerec_fast.ops.lm_head import constrained_lm_head_beam_step, constrained_lm_head_beam_step_ref
 from onerec_fast.perf.flops import lm_head_flops
 from onerec_fast.perf.harness import Case, Unavailable
+from onerec_fast.perf.timing import capture_cuda_graph
 
 SUITE = "beam_search"
 FULL = dict(users=32, beam=128, vocab=8192, levels=3, d=1024, item_sets=(1_000_000, 10_000_000),
@@ -210,20 +211,6 @@ def _logits_fn(trie, users, beam, dtype, seed):
     return lambda prefix: table[prefix.shape[-1]]
 
 
-def _graphed(fn: Callable[[], object]) -> Callable[[], object]:
-    """``fn`` captured in a CUDA graph (after a warm-up on a side stream, which also compiles Triton kernels);
-    returns its replay. Times the GPU work without the Python launch overhead of each op."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
-
-
 def _make(label: str, run: Callable[[dict], Callable[[], object]]):
     """The harness's ``inputs -> fn`` for ``label``: raises Unavailable when its backend is missing here;
     a ``*_graph`` label replays ``run``'s function from a CUDA graph."""
@@ -245,7 +232,7 @@ def _make(label: str, run: Callable[[dict], Callable[[], object]]):
         if label.endswith("_graph"):
             if dev.type != "cuda":
                 raise Unavailable("CUDA graphs need a CUDA device")
-            return _graphed(run(inputs))
+            return capture_cuda_graph(run(inputs)).replay
         return run(inputs)
 
     return make
