@@ -3,8 +3,8 @@
 * Without a CUDA device, Triton kernels run under the interpreter (``TRITON_INTERPRET=1``) on CPU
   tensors. It must be set before triton is imported, hence here.
 * ``--benchmark`` turns on the benchmark suites in ``benchmarks/`` (skipped otherwise so plain
-  ``pytest`` stays fast); ``--bench-dir`` is where their JSON/CSV go; ``--bench-full`` runs the
-  full-size shapes even on CPU.
+  ``pytest`` stays fast); ``--bench-dir`` is where their JSON/CSV go. (Full-size shapes on CPU:
+  ``onerec-fast bench --full``.)
 """
 
 import os
@@ -25,8 +25,6 @@ def pytest_addoption(parser):
     parser.addoption("--benchmark", action="store_true", default=False,
                      help="run the benchmark suites in benchmarks/ and print the latency/MFU table")
     parser.addoption("--bench-dir", default="bench_results", help="folder for the benchmark JSON/CSV")
-    parser.addoption("--bench-full", action="store_true", default=False,
-                     help="full-size benchmark shapes even without a GPU")
 
 
 def pytest_configure(config):

@@ -66,16 +66,18 @@ def load_suite(name: str):
 
 
 def run_case(case: Case, device: torch.device, peak: Peak, *, warmup: int | None = None,
-             rep: int | None = None, budget_ms: float = 1000.0) -> list[Row]:
+             rep: int | None = None, budget_ms: float = 1000.0, inputs: dict | None = None) -> list[Row]:
     """Time every implementation of ``case``; rows in the order of ``case.impls``.
 
     Each gets ``warmup`` untimed runs then ``rep`` timed ones (fewer when a run is slow: about
-    ``budget_ms`` of timed runs, never fewer than 5).
+    ``budget_ms`` of timed runs, never fewer than 5). ``inputs`` (from ``case.setup()``) lets a caller
+    that needs the inputs afterwards build them once.
     """
     cuda = device.type == "cuda"
     warmup = warmup if warmup is not None else (10 if cuda else 1)
     rep = rep if rep is not None else (50 if cuda else 3)
-    inputs = case.setup()
+    if inputs is None:
+        inputs = case.setup()
     rows: list[Row] = []
     for label, make in case.impls.items():
         try:
@@ -104,7 +106,6 @@ def run_case(case: Case, device: torch.device, peak: Peak, *, warmup: int | None
     for r in rows:
         if ref is not None and r.status == "ok":
             r.speedup = ref.median_ms / r.median_ms
-    del inputs
     if cuda:
         torch.cuda.empty_cache()
     return rows
