@@ -1,6 +1,6 @@
 """Tune the Triton constrained LM head (kernels/lm_head.py) on this GPU and write kernels/configs/lm_head.json.
 
-    python benchmarks/tune_lm_head.py [--rows 4096] [--vocab 8192] [--dim 1024] [--dtype bfloat16] [--dry-run]
+    python benchmarks/tune_lm_head.py [--rows 4096] [--vocab 8192] [--dim 1024] [--dtype bfloat16] [--quick] [--dry-run]
 
 Times every candidate config of the ``gemm`` method (normalize="full", level 1 of a 1M-item trie) and of the
 ``gather`` method (normalize="valid", level 2) with CUDA events and keeps the fastest under the key
@@ -23,15 +23,19 @@ from onerec_fast.perf.timing import time_fn
 CONFIG_PATH = os.path.join(os.path.dirname(__file__), "..", "kernels", "configs", "lm_head.json")
 
 
-def _gemm_configs():
-    for bm, bn, bk, warps, stages in itertools.product((64, 128), (64, 128, 256), (32, 64, 128), (4, 8), (2, 3, 4)):
+def _gemm_configs(quick: bool):
+    # quick: the Hopper-shaped corner of the grid (128-row tiles, 8 warps), a tenth of the compile time
+    grid = ((128,), (128, 256), (64, 128), (8,), (3, 4)) if quick else \
+        ((64, 128), (64, 128, 256), (32, 64, 128), (4, 8), (2, 3, 4))
+    for bm, bn, bk, warps, stages in itertools.product(*grid):
         if bm * bn >= 128 * 256 and warps == 4:
             continue
         yield {"BM": bm, "BN": bn, "BK": bk, "GROUP_M": 8, "num_warps": warps, "num_stages": stages}
 
 
-def _gather_configs():
-    for bc, bk, warps in itertools.product((8, 16, 32), (128, 256, 512), (2, 4, 8)):
+def _gather_configs(quick: bool):
+    grid = ((16, 32), (256,), (4, 8)) if quick else ((8, 16, 32), (128, 256, 512), (2, 4, 8))
+    for bc, bk, warps in itertools.product(*grid):
         yield {"BC": bc, "BK": bk, "num_warps": warps}
 
 
@@ -57,6 +61,7 @@ def main():
     ap.add_argument("--dim", type=int, default=1024)
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--dry-run", action="store_true", help="print the best configs without writing the file")
+    ap.add_argument("--quick", action="store_true", help="a small config grid (8 GEMM, 8 gather configs)")
     args = ap.parse_args()
     dtype = getattr(torch, args.dtype)
     g = torch.Generator().manual_seed(0)
@@ -71,9 +76,9 @@ def main():
         return torch.randint(0, trie.num_nodes[level], (args.rows,), device="cuda", dtype=torch.int32)
 
     n1, n2 = nodes_at(1), nodes_at(2)
-    gemm = _best("gemm", _gemm_configs(), lambda cfg: k.lm_head_gemm(
+    gemm = _best("gemm", _gemm_configs(args.quick), lambda cfg: k.lm_head_gemm(
         hidden, weight, None, n1, None, trie.child_start[1], trie.child_tokens[1], trie.max_children[1], False, cfg))
-    gather = _best("gather", _gather_configs(), lambda cfg: k.lm_head_gather(
+    gather = _best("gather", _gather_configs(args.quick), lambda cfg: k.lm_head_gather(
         hidden, weight, None, n2, None, trie.child_start[2], trie.child_tokens[2], trie.max_children[2], cfg))
     shape = f"{args.dtype} {args.rows} {args.vocab} {args.dim}"
     found = {f"gemm {shape}": gemm, f"gather {shape}": gather}
@@ -85,6 +90,7 @@ def main():
         with open(CONFIG_PATH) as f:
             data = json.load(f)
     data.setdefault(torch.cuda.get_device_name(), {}).update({key: v for key, v in found.items() if v is not None})
+    os.makedirs(os.path.dirname(CONFIG_PATH), exist_ok=True)
     with open(CONFIG_PATH, "w") as f:
         json.dump(data, f, indent=1, sort_keys=True)
         f.write("\n")

@@ -98,8 +98,9 @@ def tune_shape(d, f, E, k, T, kernels, quick, dev="cuda", dt=torch.bfloat16):
         summary.append((f"routing ({backend})", _time_us(lambda: moe_route(logits, k, backend=backend), dev), None))
     found = {}
     for kernel in kernels:
-        key = g.config_key(kernel, T, d, f, E, k)
-        default_us = _time_us(lambda: runs[kernel](g.default_config(kernel, T, d, f, E, k, dev != "cuda")), dev)
+        key = g.config_key(kernel, T, d, f, E, k, x.dtype)
+        default_us = _time_us(lambda: runs[kernel](g.default_config(kernel, T, d, f, E, k, dev != "cuda",
+                                                                    x.element_size())), dev)
         best, us = _fastest(key, _configs(kernel, quick), runs[kernel], dev)
         summary.append((kernel, default_us, us))
         if best is not None and us < default_us:  # else the heuristic default stays in charge

@@ -79,7 +79,7 @@ def tune_one(kernel: str, x: dict, seqlen_q: int, verbose: bool) -> tuple[dict, 
     fn()
     expect = [t.clone() for t in expect]
     base_ms = time_fn(fn, "cuda", warmup=5, rep=20).median_ms
-    best, best_ms = kern.default_config(kernel, x["q"].shape[-1], seqlen_q, "cuda"), base_ms
+    best, best_ms = kern.default_config(kernel, x["q"].shape[-1], seqlen_q, "cuda", x["q"].element_size()), base_ms
     for cfg in candidates(kernel, seqlen_q):
         try:
             fn, outs = runner(kernel, x, cfg)

@@ -25,7 +25,7 @@ forward is CUDA-graph capturable. Kernel names in the configs: gemm1, gemm2 (for
 dw2 (backward).
 
 Launch configs come from ``configs/moe_gemm.json`` (written by ``benchmarks/tune_moe.py``), keyed by GPU
-name then ``"<kernel> d<D> f<F> E<E> k<k> T<pow2 bucket of T>"``; missing keys use :func:`default_config`.
+name then ``"<kernel> <dtype> d<D> f<F> E<E> k<k> T<pow2 bucket of T>"``; missing keys use :func:`default_config`.
 """
 
 from __future__ import annotations
@@ -288,17 +288,21 @@ def _gpu_name(device_index: int) -> str:
     return torch.cuda.get_device_name(device_index)
 
 
-def config_key(kernel: str, T: int, D: int, F: int, E: int, top_k: int) -> str:
-    """Key of one kernel and problem in ``configs/moe_gemm.json`` (T bucketed to a power of two)."""
-    return f"{kernel} d{D} f{F} E{E} k{top_k} T{_next_pow2(max(T, 1))}"
+def config_key(kernel: str, T: int, D: int, F: int, E: int, top_k: int, dtype: torch.dtype) -> str:
+    """Key of one kernel and problem in ``configs/moe_gemm.json`` (T bucketed to a power of two), e.g.
+    ``"gemm1 bfloat16 d1024 f2048 E24 k2 T16384"``."""
+    return f"{kernel} {str(dtype).removeprefix('torch.')} d{D} f{F} E{E} k{top_k} T{_next_pow2(max(T, 1))}"
 
 
-def default_config(kernel: str, T: int, D: int, F: int, E: int, top_k: int, interpret: bool) -> dict:
+def default_config(kernel: str, T: int, D: int, F: int, E: int, top_k: int, interpret: bool,
+                   elem_bytes: int = 2) -> dict:
     """Heuristic launch config, used until ``benchmarks/tune_moe.py`` has measured this shape.
 
     Interpreter: small tiles (the CPU tests use small shapes). GPU (sm_90, checked with ptxas for
     spills): 128x128x64 bf16 tensor-core tiles, 8 warps, 3 stages; the dh kernel (heavy SwiGLU
     epilogue) 128x64 with 4 stages; 64-row M-tiles when experts get fewer than 128 rows on average.
+    ``elem_bytes`` 4 (fp32 operands) halves BLOCK_K so the pipelined tiles take the same shared memory
+    as in 16-bit: with BLOCK_K 64 fp32 gemm1 asked for 288 KiB and dh for 240 KiB (H200: 227 KiB).
     """
     if interpret:
         def t(n):
@@ -309,12 +313,13 @@ def default_config(kernel: str, T: int, D: int, F: int, E: int, top_k: int, inte
                 "dw13": (D, F, rows), "dw2": (F, D, rows)}[kernel]
         return dict(BLOCK_M=t(dims[0]), BLOCK_N=t(dims[1]), BLOCK_K=t(dims[2]), GROUP_M=4, num_warps=4,
                     num_stages=1)
+    block_k = 64 * 2 // elem_bytes
     if kernel in ("dw13", "dw2"):
-        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=1, num_warps=8, num_stages=3)
+        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=block_k, GROUP_M=1, num_warps=8, num_stages=3)
     block_m = 128 if T * top_k >= 128 * E else 64
     if kernel == "dh":
-        return dict(BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4)
-    return dict(BLOCK_M=block_m, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
+        return dict(BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=block_k, GROUP_M=8, num_warps=8, num_stages=4)
+    return dict(BLOCK_M=block_m, BLOCK_N=128, BLOCK_K=block_k, GROUP_M=8, num_warps=8, num_stages=3)
 
 
 def get_config(kernel: str, x: torch.Tensor, T: int, D: int, F: int, E: int, top_k: int,
@@ -325,10 +330,10 @@ def get_config(kernel: str, x: torch.Tensor, T: int, D: int, F: int, E: int, top
     interpret = _interpret() or x.device.type != "cuda"
     if not interpret:
         tuned = load_configs("moe_gemm").get(_gpu_name(x.device.index or 0), {})
-        hit = tuned.get(config_key(kernel, T, D, F, E, top_k))
+        hit = tuned.get(config_key(kernel, T, D, F, E, top_k, x.dtype))
         if hit is not None:
             return hit
-    return default_config(kernel, T, D, F, E, top_k, interpret)
+    return default_config(kernel, T, D, F, E, top_k, interpret, x.element_size())
 
 
 def _launch_args(cfg: dict) -> tuple[dict, dict]:

@@ -283,7 +283,7 @@ def config_key(kernel: str, head_dim: int, seqlen_q: int, dtype: torch.dtype) ->
     return f"{kernel} d{head_dim} lq{lq_bucket(seqlen_q)} {str(dtype).removeprefix('torch.')}"
 
 
-def default_config(kernel: str, head_dim: int, seqlen_q: int, device_type: str) -> dict:
+def default_config(kernel: str, head_dim: int, seqlen_q: int, device_type: str, elem_bytes: int = 2) -> dict:
     """Untuned heuristic, used until ``benchmarks/tune_varlen_attention.py`` has written configs for
     this GPU. Chosen offline for sm_90a from ptxas reports (compiled with the JIT's 16-divisibility
     specialization; at Lq >= 64 every choice uses wgmma, pipelines its loads with cp.async and
@@ -291,11 +291,17 @@ def default_config(kernel: str, head_dim: int, seqlen_q: int, device_type: str) 
     128) with 8 warps; dk/dv 64 keys x 64 queries with 8 warps (128 keys x 32 queries at head_dim
     128: the key tile is the dots' M, which wgmma needs >= 64).
     On CPU (interpreter) every program and every op costs a fixed ~1 ms whatever the tile size, so
-    tiles are as large as the tests' shapes allow while still exercising the key-block loops."""
+    tiles are as large as the tests' shapes allow while still exercising the key-block loops.
+    fp32 (``elem_bytes`` 4, not a speed path: its dots run in TF32) at head_dim 128 takes 32-key tiles
+    and one stage: the 16-bit tiles asked for 320 KiB of shared memory on the H200 (227 KiB there)."""
     bucket = lq_bucket(seqlen_q)
     if device_type != "cuda":
         return {"BLOCK_M": bucket, "BLOCK_N": 32, "num_warps": 1, "num_stages": 1}
     small = head_dim <= 64
+    if elem_bytes > 2 and not small:
+        if kernel == "bwd_dkdv":
+            return {"BLOCK_M": min(bucket, 32), "BLOCK_N": 64, "num_warps": 8, "num_stages": 1}
+        return {"BLOCK_M": min(bucket, 64), "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
     if kernel == "fwd":
         return {"BLOCK_M": bucket, "BLOCK_N": 64, "num_warps": 8 if bucket >= 128 else 4,
                 "num_stages": 3 if small else 2}
@@ -326,7 +332,7 @@ def get_config(kernel: str, head_dim: int, seqlen_q: int, dtype: torch.dtype, de
             cfg = tuned.get(config_key(kernel, head_dim, seqlen_q, dt))
             if cfg is not None:
                 return cfg
-    return default_config(kernel, head_dim, seqlen_q, device.type)
+    return default_config(kernel, head_dim, seqlen_q, device.type, dtype.itemsize)
 
 
 def _launch_opts(cfg: dict) -> dict:

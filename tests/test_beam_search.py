@@ -10,7 +10,7 @@ import torch
 
 from onerec_fast.decoding import BeamSearchState, SemanticIDTrie, constrained_beam_search, constrained_beam_search_ref
 from onerec_fast.ops.beam_step import beam_step, beam_step_ref, topk_lowest_index
-from tests.helpers import DEVICES, HAS_CUDA, poison_, requires_cuda
+from tests.helpers import DEVICES, HAS_CUDA, poison_, requires_cuda, skip_unless_runs
 
 NEG_INF = float("-inf")
 
@@ -113,6 +113,15 @@ def check_dead_and_real(trie, res, codes_cpu):
     assert (res.scores[:, :-1] >= res.scores[:, 1:]).all()  # best first, dead (-inf) slots last
 
 
+def assert_same_scores(got, want, device):
+    """Beam scores float32 [...]: bit-exact on CPU, where every path runs the same PyTorch log-softmax. On CUDA
+    the device's log-softmax (PyTorch's or the fused beam step's) differs from the CPU's, or from another
+    kernel's, in the last ulps (seen on the H200: -2.9389631748 vs -2.9389634132), so within 1e-5 there; a
+    wrong normalisation or a missed term is off by far more."""
+    t = 0.0 if torch.device(device).type == "cpu" else 1e-5
+    torch.testing.assert_close(got, want, rtol=t, atol=t)
+
+
 SEARCHES = [("ref", constrained_beam_search_ref), ("auto", constrained_beam_search)]
 
 
@@ -152,8 +161,9 @@ def test_matches_naive_search_tie_rule(device, normalize, ties, beam):
     res = constrained_beam_search(dec, trie, 2, beam, normalize)
     check_dead_and_real(trie, res, codes)
     for row, beams in enumerate(naive_search(dec, codes.cpu(), beam, normalize)):
+        # The tie rule, exactly: equal scores rank the lower flat index (parent slot * V + token) first.
         assert [tuple(c) for c in res.codes[row, :len(beams)].tolist()] == [p for _, p in beams]
-        assert res.scores[row, :len(beams)].cpu().tolist() == [float(s) for s, _ in beams]  # bit-exact
+        assert_same_scores(res.scores[row, :len(beams)].cpu(), torch.stack([s for s, _ in beams]), device)
         assert (res.scores[row, len(beams):] == NEG_INF).all()
 
 
@@ -220,8 +230,8 @@ def test_hidden_fn_path_equals_logits_path(device, normalize):
                                   backend="reference")
     want = constrained_beam_search(lambda p: hid(p).float() @ weights[p.shape[-1]].float().t(), trie, b, beam,
                                    normalize)
-    for x, y in zip(got, want):
-        assert torch.equal(x, y)
+    assert torch.equal(got.codes, want.codes) and torch.equal(got.item_ids, want.item_ids)
+    assert_same_scores(got.scores, want.scores, device)
     check_dead_and_real(trie, got, codes)
 
 
@@ -229,6 +239,7 @@ def test_hidden_fn_path_equals_logits_path(device, normalize):
 @pytest.mark.parametrize("normalize", ["full", "valid"])
 def test_hidden_fn_path_fused_lm_head_matches_reference(device, normalize):
     """The Triton constrained LM head (interpreter on CPU) feeding the selection: same beams as the reference."""
+    skip_unless_runs("triton", device)
     hid, weights, trie, codes = _hidden_problem(device)
     b, beam = hid.batch, 4
     got = constrained_beam_search(None, trie, b, beam, normalize, hidden_fn=hid, lm_head_weight=weights,

@@ -14,7 +14,7 @@ from onerec_fast.ops.lm_head import (
     constrained_lm_head_beam_step_ref, constrained_lm_head_ref,
 )
 from tests.beam_step_helpers import NEG_INF, assert_same_step, median_us, poison_allocator
-from tests.helpers import DEVICES, requires_cuda, rel_err, tol
+from tests.helpers import DEVICES, rel_err, requires_cuda, skip_unless_runs, tol
 
 
 def make_trie(vocab, n, device, seed):
@@ -69,6 +69,7 @@ CASES = [(d, dt, s) for d in DEVICES for dt in dtypes(d) for s in shapes(d)]
 @pytest.mark.parametrize("level", [0, 1, 2])
 @pytest.mark.parametrize("normalize,method", [("full", "gemm"), ("valid", "gemm"), ("valid", "gather")])
 def test_candidates_match_reference(device, dtype, shape, level, normalize, method):
+    skip_unless_runs("triton", device)
     rows, vocab, dim = shape
     trie = make_trie(vocab, 4 * vocab, device, seed=vocab)
     hidden, weight, bias, nodes, scores = inputs(rows, vocab, dim, dtype, device, seed=level, level=level, trie=trie)
@@ -86,6 +87,7 @@ def test_candidates_match_reference(device, dtype, shape, level, normalize, meth
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_without_scores_every_live_node_counts(device):
+    skip_unless_runs("triton", device)
     vocab, dim, rows = 64, 32, 8
     trie = make_trie(vocab, 100, device, seed=1)
     hidden, weight, _, nodes, _ = inputs(rows, vocab, dim, torch.float32, device, seed=3, level=1, trie=trie)
@@ -115,6 +117,7 @@ def _beam_inputs(batch, beam, vocab, dim, dtype, device, trie, level, seed):
 @pytest.mark.parametrize("normalize", ["full", "valid"])
 @pytest.mark.parametrize("level", [0, 1, 2])
 def test_fused_step_matches_dense_beam_step(device, normalize, level):
+    skip_unless_runs("triton", device)
     batch, beam, vocab, dim = (2, 8, 48, 32) if device == "cpu" else (8, 64, 2048, 256)
     trie = make_trie(vocab, 3 * vocab, device, seed=7)
     hidden, weight, nodes, scores = _beam_inputs(batch, beam, vocab, dim, torch.float32, device, trie, level, seed=2)

@@ -7,11 +7,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from onerec_fast.backends import backends, resolve_backend
+from onerec_fast.backends import resolve_backend
 from onerec_fast.modules import MoELayer
 from onerec_fast.ops.moe import moe_backends, moe_ffn, moe_ffn_ref
 from onerec_fast.ops.moe_routing import moe_aux_loss, moe_z_loss
-from tests.helpers import DEVICES, TOL, rel_err, requires_cuda, tol
+from tests.helpers import DEVICES, TOL, TRITON_DEVICES, rel_err, requires_cuda, skip_unless_runs, tol
 
 KERNEL_BACKENDS = [b for b in moe_backends() if b != "reference"]
 DTYPES = {"cpu": [torch.float32], "cuda": [torch.bfloat16, torch.float16, torch.float32]}
@@ -106,12 +106,9 @@ def _check_against_ref(device, backend, dtype, T, d, f, E, k, router, norm, seed
 
 
 def _skip_unless(device, backend, case=None):
+    skip_unless_runs(backend, device)
     if backend not in KERNEL_BACKENDS:
-        pytest.skip(f"backend {backend} not available here")
-    if not backends()["triton"].available and device == "cpu":
-        pytest.skip("triton unavailable")
-    if backend == "cuda" and device == "cpu":
-        pytest.skip("cuda backend needs CUDA tensors")
+        pytest.skip(f"the MoE op has no {backend} backend here (the extension lacks its routing kernel)")
     if case is not None and device == "cpu" and case >= CPU_CASES:
         pytest.skip("large case: CUDA only")
 
@@ -203,9 +200,9 @@ def test_moe_bad_input_raises():
         MoELayer(8, 6, 5, 2)(torch.randn(3, 7))
     with pytest.raises(ValueError, match="top_k"):
         MoELayer(8, 6, 5, 6)
-    if backends()["triton"].available:
+    for device in TRITON_DEVICES:  # the kernels take fp32/bf16/fp16 only (the reference also float64)
         with pytest.raises(TypeError, match="x must have dtype"):
-            moe_ffn(x.double(), rw.double(), w1.double(), w3.double(), w2.double(), 2, backend="triton")
+            moe_ffn(*(t.to(device, torch.float64) for t in (x, rw, w1, w3, w2)), 2, backend="triton")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -288,8 +285,7 @@ def test_layer_loads_common_layouts(layout):
 def test_layer_compiles_fullgraph_on_cpu(backend):
     """No graph break: the reference traces as plain PyTorch, the kernels as opaque custom ops (fake
     impls give the shapes; Triton on GPU is covered by test_layer_compiles_fullgraph_on_cuda)."""
-    if backend == "triton" and not backends()["triton"].available:
-        pytest.skip("triton unavailable")
+    skip_unless_runs(backend, "cpu")
     torch.manual_seed(2)
 
     class Block(nn.Module):
@@ -368,12 +364,19 @@ _UNALIGNED = {"E", "num_pid_m", "M", "T", "NB", "D"}  # ints the JIT may not see
 
 
 def _sm90_compile(fn, constexprs, num_warps, num_stages, f32_ptrs=()):
-    """Compile ``fn`` for sm_90a as the JIT would for 16-byte aligned bf16 tensors; return ptxas -v output."""
+    """Compile ``fn`` for sm_90a as the JIT would for 16-byte aligned bf16 tensors; return ptxas -v output.
+
+    The PTX is assembled by the ptxas Triton itself uses (``TRITON_PTXAS_PATH`` if set, else its bundled
+    one), because Triton writes the PTX ``.version`` of that ptxas's CUDA release: with a CUDA 13 ptxas
+    there (set in the environment, or by Inductor to a torch wheel's own ``torch/bin/ptxas``) it writes
+    PTX 9.0, which Triton 3.6's bundled CUDA 12.8 ptxas rejects ("Unsupported .version 9.0").
+    """
     import os
     import subprocess
     import tempfile
 
     import triton
+    from triton import knobs
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -390,14 +393,18 @@ def _sm90_compile(fn, constexprs, num_warps, num_stages, f32_ptrs=()):
             attrs[(i,)] = [["tt.divisibility", 16]]
     k = triton.compile(ASTSource(fn, sig, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
                        options={"num_warps": num_warps, "num_stages": num_stages})
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    ptxas = knobs.nvidia.ptxas
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
         f.write(k.asm["ptx"])
     try:
-        return subprocess.run([ptxas, "-arch=sm_90a", "-v", f.name, "-o", os.devnull], capture_output=True,
-                              text=True, check=True).stderr
+        run = subprocess.run([ptxas.path, "-arch=sm_90a", "-v", f.name, "-o", os.devnull], capture_output=True,
+                             text=True)
     finally:
         os.unlink(f.name)
+    if run.returncode != 0:
+        raise RuntimeError(f"ptxas {ptxas.path} (CUDA {ptxas.version}) exited with {run.returncode} on "
+                           f"{fn.__name__} {constexprs}:\n{run.stderr}{run.stdout}")
+    return run.stderr
 
 
 def _compile_default_kernels() -> dict[str, str]:

@@ -4,10 +4,10 @@ the reference, the routing gradient, edge cases and bad input."""
 import pytest
 import torch
 
-from onerec_fast.backends import backends, cuda_extension
+from onerec_fast.backends import cuda_extension
 from onerec_fast.kernels.moe_routing import moe_route_fwd as triton_route_fwd
 from onerec_fast.ops.moe_routing import moe_aux_loss, moe_route, moe_route_bwd, moe_route_ref, moe_z_loss
-from tests.helpers import DEVICES, HAS_CUDA, poison_, rel_err, requires_cuda
+from tests.helpers import DEVICES, HAS_CUDA, TRITON_DEVICES, poison_, rel_err, requires_cuda, skip_unless_runs
 
 KERNEL_BACKENDS = ["triton"] + (["cuda"] if HAS_CUDA and hasattr(cuda_extension(), "moe_route_fwd") else [])
 
@@ -108,8 +108,7 @@ def _run_kernel_poisoned(backend, logits, k, router, norm, bias):
 def test_route_kernel_matches_ref(device, backend, case):
     if case >= len(_cases(device)):
         pytest.skip("large routing case: CUDA only")
-    if backend == "cuda" and device == "cpu":
-        pytest.skip("cuda backend needs CUDA tensors")
+    skip_unless_runs(backend, device)
     T, E, k, router, norm = CASES[case]
     logits = _logits(T, E, device, ties=case % 2 == 1, seed=case)
     bias = _bias(E, device) if router == "sigmoid" else None
@@ -128,8 +127,7 @@ def test_route_kernel_matches_ref(device, backend, case):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_route_kernel_half_logits_and_all_to_one_expert(device, backend):
-    if backend == "cuda" and device == "cpu":
-        pytest.skip("cuda backend needs CUDA tensors")
+    skip_unless_runs(backend, device)
     T, E, k = 37, 6, 2
     logits = _logits(T, E, device, seed=3)
     logits[:, 4] += 8  # every token's first choice is expert 4
@@ -142,35 +140,54 @@ def test_route_kernel_half_logits_and_all_to_one_expert(device, backend):
         assert rel_err(r.topk_weights, ref.topk_weights) < 1e-5
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("router,norm", [("softmax", True), ("softmax", False), ("sigmoid", True),
-                                         ("sigmoid", False)])
-def test_route_gradient_matches_autograd_of_ref(device, router, norm):
+ROUTERS = [("softmax", True), ("softmax", False), ("sigmoid", True), ("sigmoid", False)]
+
+
+def _gradient_problem(device, router, norm):
+    """Logits [11, 6] routed to k=3, the output gradients (of topk_weights [11, 3], prob_sum [6],
+    lse_sq_sum [1]) and the float64 autograd gradient of the reference w.r.t. the logits."""
     T, E, k = 11, 6, 3
     logits = _logits(T, E, device, seed=7)
     bias = (torch.randn(E) * 0.3).to(device) if router == "sigmoid" else None
     g = torch.Generator().manual_seed(1)
-    gw, gp, gl = (torch.randn(T, k, generator=g).to(device), torch.randn(E, generator=g).to(device),
-                  torch.randn(1, generator=g).to(device))
+    grads = (torch.randn(T, k, generator=g).to(device), torch.randn(E, generator=g).to(device),
+             torch.randn(1, generator=g).to(device))
     l64 = logits.double().requires_grad_()
-    r = moe_route_ref(l64, k, router, norm, bias)
-    loss = (r.topk_weights * gw).sum() + (r.prob_sum * gp).sum() + (r.lse_sq_sum * gl).sum()
-    (want,) = torch.autograd.grad(loss, l64)
-    got = moe_route_bwd(logits, r.topk_ids, r.topk_weights.float().detach(), router == "sigmoid", norm, gw, gp, gl)
+    ref = moe_route_ref(l64, k, router, norm, bias)
+    (want,) = torch.autograd.grad(_routing_loss(ref, grads), l64)
+    return logits, k, bias, grads, ref, want
+
+
+def _routing_loss(r, grads):
+    gw, gp, gl = grads
+    return (r.topk_weights * gw).sum() + (r.prob_sum * gp).sum() + (r.lse_sq_sum * gl).sum()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("router,norm", ROUTERS)
+def test_route_bwd_matches_autograd_of_ref(device, router, norm):
+    """The plain-PyTorch backward the kernels' custom op registers, given the reference's selection."""
+    logits, k, bias, grads, ref, want = _gradient_problem(device, router, norm)
+    got = moe_route_bwd(logits, ref.topk_ids, ref.topk_weights.float().detach(), router == "sigmoid", norm, *grads)
     assert rel_err(got, want) < 1e-5
-    # and through the custom op's registered autograd (triton kernel forward)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("router,norm", ROUTERS)
+def test_route_gradient_matches_autograd_of_ref(device, backend, router, norm):
+    """Through the custom op's registered autograd, with the kernel's forward."""
+    skip_unless_runs(backend, device)
+    logits, k, bias, grads, _, want = _gradient_problem(device, router, norm)
     lt = logits.clone().requires_grad_()
-    rk = moe_route(lt, k, router, norm, bias, backend="triton")
-    lossk = (rk.topk_weights * gw).sum() + (rk.prob_sum * gp).sum() + (rk.lse_sq_sum * gl).sum()
-    (got_op,) = torch.autograd.grad(lossk, lt)
-    assert rel_err(got_op, want) < 1e-5
+    (got,) = torch.autograd.grad(_routing_loss(moe_route(lt, k, router, norm, bias, backend=backend), grads), lt)
+    assert rel_err(got, want) < 1e-5
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS + ["reference"])
 def test_route_zero_tokens_and_losses(device, backend):
-    if backend == "cuda" and device == "cpu":
-        pytest.skip("cuda backend needs CUDA tensors")
+    skip_unless_runs(backend, device)
     r = moe_route(torch.empty(0, 5, device=device), 2, backend=backend)
     assert r.topk_ids.shape == (0, 2) and r.sorted_pair_idx.shape == (0,)
     assert r.expert_counts.tolist() == [0] * 5 and r.expert_offsets.tolist() == [0] * 6
@@ -187,8 +204,7 @@ def test_route_zero_tokens_and_losses(device, backend):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_route_kernel_is_deterministic(device, backend):
-    if backend == "cuda" and device == "cpu":
-        pytest.skip("cuda backend needs CUDA tensors")
+    skip_unless_runs(backend, device)
     T = 40 if device == "cpu" else 8192
     logits = _logits(T, 24, device, seed=5)
     a = moe_route(logits, 4, "sigmoid", backend=backend, expert_bias=torch.zeros(24, device=device))
@@ -217,9 +233,9 @@ def test_route_bad_input_raises():
         moe_route(logits, 2, "sigmoid", expert_bias=torch.zeros(4))
     with pytest.raises(TypeError, match="expert_bias"):
         moe_route(logits, 2, "sigmoid", expert_bias=torch.zeros(5, dtype=torch.float64))
-    if backends()["triton"].available:
+    for device in TRITON_DEVICES:  # the kernels take fp32/bf16/fp16 logits only (the reference also float64)
         with pytest.raises(TypeError, match="logits must have dtype"):
-            moe_route(logits.double(), 2, backend="triton")
+            moe_route(logits.to(device, torch.float64), 2, backend="triton")
 
 
 @requires_cuda

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from onerec_fast.modules.qformer import QFormer, QFormerCrossAttention
-from tests.helpers import DEVICES, assert_close, requires_cuda
+from tests.helpers import DEVICES, assert_close, requires_cuda, skip_unless_runs
 
 LENGTHS = [0, 3, 17, 40]
 D_KV = 48
@@ -32,6 +32,7 @@ def _grads(module, out, inputs, seed=1):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_qformer_jagged_equals_padded(device, backend):
+    skip_unless_runs(backend, device)
     torch.manual_seed(0)
     model = QFormer(64, num_queries=8, num_blocks=1, num_heads=2, d_kv=D_KV, backend=backend).to(device)
     values, offsets, padded, lengths = _memory(LENGTHS, D_KV, device)
@@ -49,6 +50,7 @@ def test_qformer_jagged_equals_padded(device, backend):
 @pytest.mark.parametrize("device", DEVICES)
 def test_qformer_triton_matches_reference(device):
     """Same weights, two backends: output and the gradient of every parameter and of the memory."""
+    skip_unless_runs("triton", device)
     torch.manual_seed(0)
     blocks = 1 if device == "cpu" else 2
     ref = QFormer(64, num_queries=8, num_blocks=blocks, num_heads=2, d_kv=D_KV, backend="reference").double()

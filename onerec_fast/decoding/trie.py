@@ -275,8 +275,8 @@ class SemanticIDTrie:
         nodes = self._check_index("nodes", nodes)
         v = self.vocab_sizes[level]
         if level == 0:  # only the root has children: one row, broadcast (the padded gather would be [R, V])
-            root = torch.zeros(v, dtype=torch.bool, device=self.device)
-            root[self.child_tokens[0].long()] = True
+            # index_fill_ (not ``root[idx] = True``, which copies a CPU scalar: no CUDA-graph capture)
+            root = torch.zeros(v, dtype=torch.bool, device=self.device).index_fill_(0, self.child_tokens[0].long(), True)
             return (nodes == 0)[:, None] & root
         tokens, ok = self.padded_children(level, nodes)
         mask = torch.zeros(nodes.numel(), v + 1, dtype=torch.bool, device=self.device)

@@ -88,8 +88,8 @@ class OneRec(nn.Module):
         codes = torch.as_tensor(item_codes)
         if codes.dim() != 2 or codes.shape[1] != self.cfg.code_levels:
             raise ValueError(f"item_codes must be [num_items, {self.cfg.code_levels}], got {tuple(codes.shape)}")
-        hi = torch.tensor(self.cfg.vocab_sizes)
-        if codes.numel() and (bool((codes.min(0).values < 0).any()) or bool((codes.max(0).values.cpu() >= hi).any())):
+        hi = torch.tensor(self.cfg.vocab_sizes, device=codes.device)
+        if codes.numel() and (bool((codes.min(0).values < 0).any()) or bool((codes.max(0).values >= hi).any())):
             raise ValueError(f"item_codes must lie in [0, codebook_size) per level {self.cfg.vocab_sizes}")
         self.item_codes = codes.to(self.item_codes.device, torch.int64)
         self._tries.clear()
