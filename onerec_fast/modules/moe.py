@@ -62,9 +62,10 @@ class MoELayer(nn.Module):
         self.aux_loss_coef, self.z_loss_coef = float(aux_loss_coef), float(z_loss_coef)
         factory = dict(dtype=dtype, device=device)
         self.router = nn.Linear(d_model, num_experts, bias=False, **factory)
-        self.w1 = nn.Parameter(torch.empty(num_experts, d_model, d_ff, **factory))
-        self.w3 = nn.Parameter(torch.empty(num_experts, d_model, d_ff, **factory))
-        self.w2 = nn.Parameter(torch.empty(num_experts, d_ff, d_model, **factory))
+        held = len(self.local_experts)
+        self.w1 = nn.Parameter(torch.empty(held, d_model, d_ff, **factory))
+        self.w3 = nn.Parameter(torch.empty(held, d_model, d_ff, **factory))
+        self.w2 = nn.Parameter(torch.empty(held, d_ff, d_model, **factory))
         self.register_buffer("expert_bias", torch.zeros(num_experts, dtype=torch.float32, device=device))
         # Pairs routed to each expert by the training forwards since the last update_expert_bias.
         self.register_buffer("load_since_update", torch.zeros(num_experts, dtype=torch.int64, device=device),
@@ -93,15 +94,26 @@ class MoELayer(nn.Module):
             dt = torch.get_autocast_dtype(x.device.type)
             x, weights = x.to(dt), tuple(w.to(dt) for w in weights)
         x2 = x.reshape(-1, self.d_model)
-        out, routing = moe_ffn(
-            x2, *weights, self.top_k, router=self.router_type, norm_topk=self.norm_topk,
-            # .float(): Module.to(bfloat16) casts buffers too; selection wants the fp32 bias
-            expert_bias=self.expert_bias.float() if self.router_type == "sigmoid" else None, backend=self.backend,
-        )
+        # .float(): Module.to(bfloat16) casts buffers too; selection wants the fp32 bias
+        bias = self.expert_bias.float() if self.router_type == "sigmoid" else None
+        out, routing = self._ffn(x2, *weights, bias)
         self._last = (routing, x2.shape[0])
         if self.training:
             self.load_since_update.add_(routing.expert_counts)
         return out.reshape(x.shape)
+
+    @property
+    def local_experts(self) -> range:
+        """Global ids of the experts whose weights this module holds (``w1[i]`` is expert
+        ``local_experts[i]``): all of them here, one rank's slice in an expert-parallel subclass."""
+        return range(self.num_experts)
+
+    def _ffn(self, x: torch.Tensor, router_weight: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor,
+             w2: torch.Tensor, expert_bias: torch.Tensor | None) -> tuple[torch.Tensor, MoERouting]:
+        """``(out [T, d], routing)`` of ``x: [T, d]`` with the (autocast) weights; the hook that
+        ``onerec_fast.distributed.ExpertParallelMoE`` overrides."""
+        return moe_ffn(x, router_weight, w1, w3, w2, self.top_k, router=self.router_type, norm_topk=self.norm_topk,
+                       expert_bias=expert_bias, backend=self.backend)
 
     @property
     def last_stats(self) -> MoEStats | None:
@@ -151,10 +163,10 @@ class MoELayer(nn.Module):
                 raise KeyError(f"unexpected keys under prefix {prefix!r} (pass strict=False to ignore): {extra[:4]}")
         with torch.no_grad():
             self.router.weight.copy_(state_dict[f"{prefix}gate.weight"])
-            for i in range(E):
+            for i, e in enumerate(self.local_experts):
                 # nn.Linear stores [out, in]; the experts here are [in, out].
                 for dst, n in zip((self.w1, self.w3, self.w2), names):
-                    dst[i].copy_(state_dict[f"{prefix}experts.{i}.{n}.weight"].t())
+                    dst[i].copy_(state_dict[f"{prefix}experts.{e}.{n}.weight"].t())
             if bias_key in state_dict:
                 self.expert_bias.copy_(state_dict[bias_key])
 

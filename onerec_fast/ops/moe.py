@@ -15,6 +15,9 @@ Backends (``backend=`` or ``ONEREC_FAST_BACKEND_MOE``):
 
 The router logits are computed in fp32 in every backend, so expert selection does not depend on the
 activation dtype's rounding.
+
+:func:`moe_experts` runs the experts alone over rows that were routed elsewhere (expert parallelism:
+the rows a rank received), ungated, on the same grouped GEMMs (``cuda``/``triton``) or the reference.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from onerec_fast.backends import resolve_backend
-from onerec_fast.ops._checks import FLOAT_DTYPES, check_same, check_tensor
+from onerec_fast.ops._checks import FLOAT_DTYPES, check_cu_seqlens, check_same, check_tensor
 from onerec_fast.ops.moe_routing import (
     MoERouting,
     _routing_outputs,
@@ -37,7 +40,7 @@ from onerec_fast.ops.moe_routing import (
     selection_bias,
 )
 
-__all__ = ["MoEOutput", "moe_ffn", "moe_ffn_ref"]
+__all__ = ["MoEOutput", "moe_experts", "moe_experts_ref", "moe_ffn", "moe_ffn_ref"]
 
 
 class MoEOutput(NamedTuple):
@@ -126,8 +129,9 @@ def _kernel_bwd(saved, top_k, sigmoid, norm_topk, g_out, g_weights, g_prob_sum, 
     the routing and the router GEMM in PyTorch ([T, E] is small)."""
     x, router_weight, w1, w3, w2, logits, topk_ids, topk_weights, sorted_pair_idx, expert_offsets, a1, a3 = saved
     T, E = logits.shape
-    if g_out is None:
-        g_out = x.new_zeros(x.shape)
+    # The kernels need dy in x's dtype. Seen on the H200: under bf16 autocast in the OneRec trainer the
+    # output gradient arrived in fp32 (the dh kernel's dot then refused fp32 x bf16).
+    g_out = x.new_zeros(x.shape) if g_out is None else g_out.to(x.dtype)
     dx, dw1, dw3, dw2, dgate = experts_bwd(g_out.contiguous(), x, w1, w3, w2, topk_weights.view(-1),
                                            sorted_pair_idx, expert_offsets, a1, a3, top_k)
     g_w = dgate.view(T, top_k) if g_weights is None else dgate.view(T, top_k) + g_weights
@@ -241,3 +245,95 @@ def moe_ffn(
         return moe_ffn_ref(x, router_weight, w1, w3, w2, top_k, router, norm_topk, expert_bias)
     check_tensor("x", x, dtype=FLOAT_DTYPES)
     return _moe_ffn_kernels(x, router_weight, w1, w3, w2, top_k, router, norm_topk, expert_bias, chosen, recompute)
+
+
+# --------------------------------------------------------------------------------------------------
+# The experts alone, over rows grouped by expert through a permutation (no routing, no gate)
+
+
+def _check_experts_args(x, sorted_idx, expert_offsets, w1, w3, w2, dtypes):
+    check_tensor("x", x, ndim=2, dtype=dtypes)
+    N, d = x.shape
+    for name, w in (("w1", w1), ("w3", w3), ("w2", w2)):
+        check_tensor(name, w, ndim=3)
+        check_same("x", x, name, w)
+    E, f = w1.shape[0], w1.shape[2]
+    for name, w, want in (("w1", w1, (E, d, f)), ("w3", w3, (E, d, f)), ("w2", w2, (E, f, d))):
+        if tuple(w.shape) != want:
+            raise ValueError(f"{name} must have shape {want} (num_experts, ...) for x of shape {(N, d)}, "
+                             f"got {tuple(w.shape)}")
+    check_tensor("sorted_idx", sorted_idx, ndim=1, dtype=torch.int32, device=x.device)
+    if sorted_idx.shape[0] != N:
+        raise ValueError(f"sorted_idx must have shape ({N},) (one entry per row of x), got {tuple(sorted_idx.shape)}")
+    check_tensor("expert_offsets", expert_offsets, ndim=1, dtype=torch.int32, device=x.device)
+    if expert_offsets.shape[0] != E + 1:
+        raise ValueError(f"expert_offsets must have shape ({E + 1},) (num_experts + 1), "
+                         f"got {tuple(expert_offsets.shape)}")
+
+
+def moe_experts_ref(x: torch.Tensor, sorted_idx: torch.Tensor, expert_offsets: torch.Tensor, w1: torch.Tensor,
+                    w3: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """Reference of :func:`moe_experts`: one expert at a time on its slice of the permuted rows, float32
+    math (float64 kept), output in ``x.dtype``. Reads ``expert_offsets`` on the host and checks that
+    ``sorted_idx`` is a permutation. Every expert takes part, an empty one on zero rows, so each
+    weight gets a gradient (zeros where no row went)."""
+    _check_experts_args(x, sorted_idx, expert_offsets, w1, w3, w2, FLOAT_DTYPES + (torch.float64,))
+    check_cu_seqlens("expert_offsets", expert_offsets, x.shape[0])
+    idx = sorted_idx.long()
+    if not torch.equal(torch.sort(idx).values, torch.arange(x.shape[0], device=x.device)):
+        raise ValueError(f"sorted_idx must be a permutation of 0..{x.shape[0] - 1}")
+    dt = torch.promote_types(x.dtype, torch.float32)
+    xs = x.to(dt).index_select(0, idx)
+    bounds = expert_offsets.tolist()
+    ys = [(F.silu(xs[lo:hi] @ w1[e].to(dt)) * (xs[lo:hi] @ w3[e].to(dt))) @ w2[e].to(dt)
+          for e, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:]))]
+    y = torch.cat(ys)
+    # out-of-place index_copy: differentiable w.r.t. y (its backward gathers through the same index)
+    return y.new_empty(y.shape).index_copy(0, idx, y).to(x.dtype)
+
+
+class _MoEExpertsFunction(torch.autograd.Function):
+    """The grouped GEMMs with one slot per row (``top_k = 1``) and no gate (forward unscaled; the
+    backward's gate of ones costs one multiply by 1.0, exact, and its gate gradient is dropped)."""
+
+    @staticmethod
+    def forward(ctx, x, sorted_idx, expert_offsets, w1, w3, w2, save_act):
+        from onerec_fast.kernels.moe_gemm import moe_gemm_fwd
+
+        out, a1, a3 = moe_gemm_fwd(x, w1, w3, w2, None, sorted_idx, expert_offsets, 1, save_act)
+        ctx.save_for_backward(x, sorted_idx, expert_offsets, w1, w3, w2, a1, a3)
+        return out
+
+    @staticmethod
+    def backward(ctx, g_out):
+        x, sorted_idx, expert_offsets, w1, w3, w2, a1, a3 = ctx.saved_tensors
+        ones = torch.ones(x.shape[0], dtype=torch.float32, device=x.device)
+        dx, dw1, dw3, dw2, _ = _experts_bwd(g_out.contiguous(), x, w1, w3, w2, ones, sorted_idx, expert_offsets,
+                                            a1, a3, 1)
+        return dx, None, None, dw1, dw3, dw2, None
+
+
+def moe_experts(
+    x: torch.Tensor, sorted_idx: torch.Tensor, expert_offsets: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor,
+    w2: torch.Tensor, *, backend: str = "auto",
+) -> torch.Tensor:
+    """SwiGLU experts over rows already assigned to them: ``out[r] = (silu(x[r] @ w1[e]) * (x[r] @ w3[e])) @ w2[e]``
+    for the expert e of row r; ``[N, d]`` in the row order of ``x``, ungated.
+
+    ``x: [N, d]``; ``sorted_idx: [N]`` int32, a permutation listing the rows grouped by expert, expert e
+    owning ``sorted_idx[expert_offsets[e] : expert_offsets[e+1]]``; ``expert_offsets: [E+1]`` int32,
+    0 first, N last; ``w1, w3: [E, d, f]``, ``w2: [E, f, d]``. For rows already stored grouped, pass
+    ``sorted_idx = arange(N)``. Differentiable w.r.t. ``x`` and the weights.
+
+    ``cuda``/``triton`` (the same Triton grouped GEMMs here: there is no routing) gather the rows
+    through ``sorted_idx`` inside the GEMM (no permuted copy), trust the indices and never sync with
+    the host; ``reference`` is :func:`moe_experts_ref`. Eager only (no torch.compile custom op).
+    """
+    _check_experts_args(x, sorted_idx, expert_offsets, w1, w3, w2, FLOAT_DTYPES + (torch.float64,))
+    chosen = resolve_backend("moe", backend, x.device, moe_backends())
+    if chosen == "reference":
+        return moe_experts_ref(x, sorted_idx, expert_offsets, w1, w3, w2)
+    check_tensor("x", x, dtype=FLOAT_DTYPES)
+    save_act = torch.is_grad_enabled() and any(t.requires_grad for t in (x, w1, w3, w2))
+    return _MoEExpertsFunction.apply(x.contiguous(), sorted_idx, expert_offsets, w1.contiguous(), w3.contiguous(),
+                                     w2.contiguous(), save_act)
