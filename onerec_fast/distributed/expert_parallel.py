@@ -41,7 +41,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from onerec_fast.backends import resolve_backend
-from onerec_fast.modules.moe import MoELayer
+from onerec_fast.modules.moe import MoELayer, check_state_dict
 from onerec_fast.ops.moe import moe_backends, moe_experts, router_logits
 from onerec_fast.ops.moe_routing import MoERouting, moe_route
 
@@ -170,16 +170,7 @@ class ExpertParallelMoE(MoELayer):
         ``strict``: other keys raise KeyError. Returns self."""
         E, d, f = self.num_experts, self.d_model, self.d_ff
         want = {"router.weight": (E, d), "w1": (E, d, f), "w3": (E, d, f), "w2": (E, f, d), "expert_bias": (E,)}
-        missing = [k for k in want if k not in state_dict]
-        if missing:
-            raise KeyError(f"state_dict lacks the MoELayer keys {missing}")
-        for k, shape in want.items():
-            if tuple(state_dict[k].shape) != shape:
-                raise ValueError(f"state_dict[{k!r}] must have shape {shape}, got {tuple(state_dict[k].shape)}")
-        if strict:
-            extra = [k for k in state_dict if k not in want]
-            if extra:
-                raise KeyError(f"unexpected keys (pass strict=False to ignore): {extra[:4]}")
+        check_state_dict(state_dict, want, strict=strict)
         e = self.local_experts
         self.router.weight.copy_(state_dict["router.weight"])
         self.expert_bias.copy_(state_dict["expert_bias"])

@@ -21,6 +21,22 @@ from onerec_fast.ops.moe_routing import MoERouting, moe_aux_loss, moe_z_loss
 __all__ = ["MoELayer", "MoEStats"]
 
 
+def check_state_dict(state_dict: Mapping[str, torch.Tensor], want: Mapping[str, tuple[int, ...]], *, strict: bool,
+                     prefix: str = "", optional: tuple[str, ...] = ()) -> None:
+    """Check that ``state_dict`` has every key of ``want`` with that shape (KeyError / ValueError naming the key);
+    with ``strict``, other keys under ``prefix`` (but for ``optional`` ones) raise KeyError."""
+    missing = [k for k in want if k not in state_dict]
+    if missing:
+        raise KeyError(f"state_dict lacks {len(missing)} expected keys, e.g. {missing[:4]}")
+    for k, shape in want.items():
+        if tuple(state_dict[k].shape) != tuple(shape):
+            raise ValueError(f"state_dict[{k!r}] must have shape {tuple(shape)}, got {tuple(state_dict[k].shape)}")
+    if strict:
+        extra = [k for k in state_dict if k.startswith(prefix) and k not in want and k not in optional]
+        if extra:
+            raise KeyError(f"unexpected keys under prefix {prefix!r} (pass strict=False to ignore): {extra[:4]}")
+
+
 class MoEStats(NamedTuple):
     """Load statistics of the last forward (tensors on the layer's device; reading them syncs)."""
 
@@ -151,16 +167,7 @@ class MoELayer(nn.Module):
             for n, shape in zip(names, ((f, d), (f, d), (d, f))):
                 want[f"{prefix}experts.{i}.{n}.weight"] = shape
         bias_key = f"{prefix}gate.e_score_correction_bias"  # DeepSeek-V3's loss-free balancing bias
-        missing = [k for k in want if k not in state_dict]
-        if missing:
-            raise KeyError(f"state_dict lacks {len(missing)} keys of this layout, e.g. {missing[:4]}")
-        for k, shape in want.items():
-            if tuple(state_dict[k].shape) != shape:
-                raise ValueError(f"state_dict[{k!r}] must have shape {shape}, got {tuple(state_dict[k].shape)}")
-        if strict:
-            extra = [k for k in state_dict if k.startswith(prefix) and k not in want and k != bias_key]
-            if extra:
-                raise KeyError(f"unexpected keys under prefix {prefix!r} (pass strict=False to ignore): {extra[:4]}")
+        check_state_dict(state_dict, want, strict=strict, prefix=prefix, optional=(bias_key,))
         with torch.no_grad():
             self.router.weight.copy_(state_dict[f"{prefix}gate.weight"])
             for i, e in enumerate(self.local_experts):
