@@ -11,6 +11,11 @@ Writes ``<out>/rl_metrics.jsonl``, ``<out>/rl_checkpoint.pt`` (``--resume`` cont
 checkpoint's data record, so ``onerec-fast evaluate --checkpoint <out>/rl_checkpoint.pt`` works), ``<out>/pscore.pt``
 and ``<out>/rl_reward.png`` (with matplotlib). On the synthetic world the true reward and the legality rate are
 evaluated before, during (``--eval-every``) and after the run.
+
+Under torchrun (``torchrun --nproc-per-node N -m onerec_fast.cli rl ... [--parallel fsdp]``) every rank loads the
+checkpoint and the data, the P-Score model is trained on every rank and rank 0's weights are copied to all, RSFT
+and ECPO are data parallel (each rank its share of the batch / of each round's users), the checkpoint is
+``<out>/rl_checkpoint.dcp``, and rank 0 alone prints, evaluates and writes the metrics, the plot and ``pscore.pt``.
 """
 
 from __future__ import annotations
@@ -35,7 +40,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--data", default=None, help="override the data source recorded in the checkpoint")
     g.add_argument("--out", default="runs/rl")
     add_device_arguments(g)
-    g.add_argument("--resume", default=None, help="an rl_checkpoint.pt to continue")
+    g.add_argument("--resume", default=None, help="an rl_checkpoint.pt (or .dcp) to continue")
+    g.add_argument("--parallel", choices=("ddp", "fsdp"), default="ddp",
+                   help="under torchrun: DDP (replicated model) or FSDP2 (sharded); ignored in one process")
 
     g = p.add_argument_group("reward")
     g.add_argument("--reward", choices=("pscore", "true"), default="pscore",
@@ -93,6 +100,13 @@ def new_author_mask(log, share: float) -> torch.Tensor:
 
 
 def run(args) -> int:
+    from onerec_fast.train.cli_common import resolve_device
+    from onerec_fast.train.parallel import run_main
+
+    return run_main(resolve_device(args.device), lambda: _run(args))
+
+
+def _run(args) -> int:
     from onerec_fast.data.batch import BatchConfig, UserSequenceDataset
     from onerec_fast.data.sources import load_source
     from onerec_fast.rl import (
@@ -108,9 +122,11 @@ def run(args) -> int:
     from onerec_fast.rl.loop import ECPOTrainer, RLConfig, evaluate_policy
     from onerec_fast.train.checkpoint import load_checkpoint
     from onerec_fast.train.cli_common import model_from_checkpoint, resolve_device
+    from onerec_fast.train.parallel import broadcast_module, dist_info, local_device
     from onerec_fast.train.pretrain import Trainer, TrainConfig
 
-    device = resolve_device(args.device, args.threads)
+    device = local_device(resolve_device(args.device, args.threads))
+    main = dist_info().is_main
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     ck = load_checkpoint(args.checkpoint)
@@ -139,7 +155,8 @@ def run(args) -> int:
         subset = rsft_subset(train_ds, field=args.rsft_field, quantile=args.rsft_quantile)
         print(f"RSFT: {len(subset)} of {len(train_ds)} training targets kept")
         Trainer(model, subset, TrainConfig(steps=args.rsft_steps, batch_size=args.batch_size, lr=args.rsft_lr,
-                                           warmup_steps=max(1, args.rsft_steps // 10), seed=args.seed),
+                                           warmup_steps=max(1, args.rsft_steps // 10), seed=args.seed,
+                                           parallel=args.parallel),
                 device=device, out_dir=out / "rsft", meta=meta).train()
 
     if args.reward == "true":
@@ -153,7 +170,9 @@ def run(args) -> int:
             pscore = PScoreModel.from_log(log).to(device)
             losses = train_pscore(pscore, log, epochs=args.pscore_epochs, batch_size=2048, seed=args.seed)
             print(f"P-Score trained: loss {np.mean(losses[:10]):.4f} -> {np.mean(losses[-10:]):.4f}")
-            pscore.save(out / "pscore.pt")
+            broadcast_module(pscore)  # one reward for every rank, whatever each rank's training did
+            if main:
+                pscore.save(out / "pscore.pt")
         base = PScoreReward(pscore)
     adjustments = []
     if args.viral_alpha:
@@ -175,7 +194,7 @@ def run(args) -> int:
         constrained=args.constrained, format_k=args.format_k, format_weight=args.format_weight,
         ntp_weight=args.ntp_weight, eps=args.eps, delta=args.delta, lr=args.lr,
         updates_per_round=args.updates_per_round, mode=args.mode, sync_every=args.sync_every, seed=args.seed,
-        eval_every=args.eval_every, ckpt_every=args.ckpt_every)
+        eval_every=args.eval_every, ckpt_every=args.ckpt_every, parallel=args.parallel)
     trainer = ECPOTrainer(model, rl_ds, reward, rl_cfg, device=device, out_dir=out, eval_fn=eval_fn, meta=meta)
     if args.resume:
         trainer.resume(args.resume)
@@ -184,5 +203,5 @@ def run(args) -> int:
     if evals:
         print(f"true reward {evals[0]['eval_reward']:.4f} -> {evals[-1]['eval_reward']:.4f}; legality "
               f"{evals[0]['eval_legality']:.4f} -> {evals[-1]['eval_legality']:.4f}")
-    print(f"checkpoint: {out / 'rl_checkpoint.pt'}")
+    print(f"checkpoint: {trainer.checkpoint_path}")
     return 0

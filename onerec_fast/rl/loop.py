@@ -22,13 +22,20 @@ Modes (``mode``): ``"single"`` generates and trains in one process, deterministi
 the policy: the trainer pushes its parameters every ``sync_every`` optimizer steps through a queue, the
 generator sends batches of generations back through a bounded queue (``queue_size`` in flight), so
 generations are at most a few versions stale and ``logp_old`` is the stale policy's (ECPO's ratio and
-early clip handle it). The state dicts travel through shared memory: right for one host; a multi-host
-run would broadcast with ``torch.distributed`` instead.
+early clip handle it). The state dicts travel through shared memory, from each rank to its own generator.
+
+Under torchrun (:mod:`onerec_fast.train.parallel`, ``parallel="ddp"`` or ``"fsdp"``) every rank draws the
+same users for a round and works on its contiguous share: it generates for them (from the whole policy: the
+model under DDP, a replica gathered from the shards under FSDP2), scores them and computes the loss on them;
+the gradients are averaged over ranks (the ECPO advantages are per user, so the split does not change them;
+each rank's loss is a mean over its own legal generations). The MoE load is summed over ranks before the
+expert-bias update. Only rank 0 evaluates, logs and plots.
 
 Output (``out_dir``): ``rl_metrics.jsonl`` (one row per step: reward, legality, losses, staleness, and the
 ``eval_*`` columns of ``eval_fn`` every ``eval_every`` steps), ``rl_checkpoint.pt`` (atomic; model,
-optimizer, step, RNG: :meth:`ECPOTrainer.resume` continues the single-process run exactly) and
-``rl_reward.png`` (reward and legality against step) when matplotlib is importable.
+optimizer, step, RNG: :meth:`ECPOTrainer.resume` continues the single-process run exactly; under torchrun
+the DCP folder ``rl_checkpoint.dcp``, which resumes on any number of ranks) and ``rl_reward.png`` (reward
+and legality against step) when matplotlib is importable.
 """
 
 from __future__ import annotations
@@ -43,12 +50,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from onerec_fast.model.layers import moe_layers
 from onerec_fast.rl.ecpo import ecpo_loss, ecpo_loss_with_advantages
 from onerec_fast.rl.rewards import FormatReward
-from onerec_fast.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from onerec_fast.train.checkpoint import checkpoint_path, load_training_state, save_training_state
+from onerec_fast.train.parallel import (
+    PARALLEL_MODES,
+    ParallelModel,
+    all_reduce_sum,
+    init_distributed,
+    local_device,
+    shard_range,
+)
 from onerec_fast.train.pretrain import _param_groups  # AdamW groups: no decay on 1-D parameters, as pretraining
 from onerec_fast.train.progress import ProgressBar
 
@@ -90,6 +106,7 @@ class RLConfig:
     log_every: int = 1
     eval_every: int = 0  # 0: evaluate only before the first and after the last step (when eval_fn is set)
     ckpt_every: int = 0  # 0: only at the end
+    parallel: str = "ddp"  # under torchrun: "ddp" (replicated) or "fsdp" (FSDP2, sharded); ignored in one process
 
     def __post_init__(self):
         for name in ("steps", "group_size", "updates_per_round", "sync_every", "queue_size", "log_every"):
@@ -107,6 +124,8 @@ class RLConfig:
             raise ValueError(f"format_k and users_per_round must be >= 0, got {self.format_k}, {self.users_per_round}")
         if self.lr < 0:
             raise ValueError(f"lr must be >= 0, got {self.lr}")
+        if self.parallel not in PARALLEL_MODES:
+            raise ValueError(f"parallel must be one of {PARALLEL_MODES}, got {self.parallel!r}")
 
 
 @dataclass
@@ -232,9 +251,14 @@ class ECPOTrainer:
         reward_fn: ``(users [B], items [B, G]) -> rewards [B, G]`` (items -1 where illegal), e.g.
             :class:`~onerec_fast.rl.rewards.ComposedReward` of a P-Score reward and industrial adjustments.
         cfg: :class:`RLConfig`.
-        eval_fn: optional ``model -> {name: float}`` logged as ``eval_<name>`` (e.g. the true reward).
+        eval_fn: optional ``model -> {name: float}`` logged as ``eval_<name>`` (e.g. the true reward); under
+            torchrun give it on every rank (the FSDP2 replica is gathered by all): it runs on rank 0 only.
         meta: stored as is in every checkpoint (the CLI passes on the train checkpoint's data record, so
             ``onerec-fast evaluate`` can load an RL checkpoint).
+
+    Under torchrun every rank draws the same round of ``users_per_round`` users and takes its contiguous
+    share (generation, rewards and the loss on its own users; gradients averaged by DDP or FSDP2 as
+    ``cfg.parallel`` says); the logged reward, legality and losses are over all ranks.
     """
 
     def __init__(self, model, dataset, reward_fn: Callable, cfg: RLConfig, device: torch.device | str = "cpu",
@@ -244,9 +268,11 @@ class ECPOTrainer:
 
         if len(dataset) < 1:
             raise ValueError("dataset must hold at least one user sample")
+        init_distributed(device)
         self.model, self.dataset, self.reward_fn, self.cfg = model, dataset, reward_fn, cfg
-        self.device = torch.device(device)
+        self.device = local_device(device)
         self.model.to(self.device)
+        self.parallel = ParallelModel(model, self.device, cfg.parallel)  # before the optimizer: FSDP2 swaps parameters
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.eval_fn, self.show_progress, self.meta = eval_fn, show_progress, meta or {}
         self.opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95),
@@ -258,47 +284,72 @@ class ECPOTrainer:
         self._collate = collate_user_batch
         self.users_per_round = cfg.users_per_round or max(1, round(cfg.user_fraction * len(dataset)))
         self.users_per_round = min(self.users_per_round, len(dataset))
-        self._pick_gen = torch.Generator().manual_seed(cfg.seed)
-        self._sample_gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 1)
-        self._draw_gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 2)
+        rank, world = self.parallel.rank, self.parallel.world_size
+        if self.users_per_round < world:
+            raise ValueError(f"users_per_round ({self.users_per_round}) must be at least the number of ranks "
+                             f"({world}): every rank trains on its own users")
+        self._pick_gen = torch.Generator().manual_seed(cfg.seed)  # the same on every rank: the round's users
+        self._sample_gen = torch.Generator(device=self.device).manual_seed(_rank_seed(cfg.seed + 1, rank))
+        self._draw_gen = torch.Generator(device=self.device).manual_seed(_rank_seed(cfg.seed + 2, rank))
 
     # -- state ----------------------------------------------------------------------------------------------
-    def state_dict(self) -> dict:
+    @property
+    def checkpoint_path(self) -> Path:
+        """Where :meth:`save` writes by default: ``<out_dir>/rl_checkpoint.pt`` (``.dcp`` under torchrun)."""
+        if self.out_dir is None:
+            raise ValueError("save() needs a path when the trainer has no out_dir")
+        return checkpoint_path(self.out_dir, "rl_checkpoint")
+
+    def _checkpoint_entries(self) -> dict:
+        """Everything a checkpoint holds besides the model, the optimizer and the RNG states. The sampling
+        and format-draw generators are per rank: ``[world_size, state]`` (every rank's, gathered)."""
+        per_rank = [self._sample_gen.get_state(), self._draw_gen.get_state()]
+        if self.parallel.world_size > 1:
+            gathered = [None] * self.parallel.world_size
+            dist.all_gather_object(gathered, per_rank)
+        else:
+            gathered = [per_rank]
         return {
-            "model": self.model.state_dict(),
             "model_config": dataclasses.asdict(self.model.cfg),
-            "optimizer": self.opt.state_dict(),
             "step": self.step,
             "rl_config": dataclasses.asdict(self.cfg),
             "meta": self.meta,
-            "rng": rng_state(),
-            "generators": {"pick": self._pick_gen.get_state(), "sample": self._sample_gen.get_state(),
-                           "draw": self._draw_gen.get_state()},
+            "generators": {"pick": self._pick_gen.get_state(), "sample": torch.stack([g[0] for g in gathered]),
+                           "draw": torch.stack([g[1] for g in gathered])},
         }
 
     def save(self, path: str | Path | None = None) -> Path:
-        if path is None:
-            if self.out_dir is None:
-                raise ValueError("save() needs a path when the trainer has no out_dir")
-            path = self.out_dir / "rl_checkpoint.pt"
-        return save_checkpoint(path, self.state_dict())
+        """Write a checkpoint (default :attr:`checkpoint_path`); under torchrun every rank must call this."""
+        return save_training_state(self.checkpoint_path if path is None else path, self.model, self.opt,
+                                   self._checkpoint_entries())
 
     def resume(self, path: str | Path) -> None:
-        """Continue from :meth:`save`'s checkpoint (exactly, in single-process mode on the same device)."""
-        ck = load_checkpoint(path, map_location="cpu")
-        self.model.load_state_dict(ck["model"])
-        self.opt.load_state_dict(ck["optimizer"])
+        """Continue from :meth:`save`'s checkpoint: exactly on the same device and number of ranks; on another
+        number of ranks the per-rank sampling generators restart from seeds of (seed, step, rank)."""
+        ck = load_training_state(path, self.model, self.opt)
         self.step = int(ck["step"])
-        set_rng_state(ck["rng"])
-        self._pick_gen.set_state(ck["generators"]["pick"])
-        self._sample_gen.set_state(ck["generators"]["sample"])
-        self._draw_gen.set_state(ck["generators"]["draw"])
+        gens = ck["generators"]
+        self._pick_gen.set_state(gens["pick"])
+        # A single-process checkpoint of an earlier version holds one state per generator, not one per rank.
+        sample, draw = torch.atleast_2d(gens["sample"]), torch.atleast_2d(gens["draw"])
+        rank, world = self.parallel.rank, self.parallel.world_size
+        if sample.shape[0] == world:
+            self._sample_gen.set_state(sample[rank])
+            self._draw_gen.set_state(draw[rank])
+        else:
+            self._sample_gen.manual_seed(_rank_seed(self.cfg.seed + 1, rank, self.step))
+            self._draw_gen.manual_seed(_rank_seed(self.cfg.seed + 2, rank, self.step))
 
     # -- one round ------------------------------------------------------------------------------------------
     def pick_users(self, generator: torch.Generator | None = None) -> list[int]:
-        """Dataset indices of this round's users (``users_per_round`` distinct samples)."""
+        """Dataset indices of this round's users (``users_per_round`` distinct samples, the same on every rank)."""
         g = generator if generator is not None else self._pick_gen
         return torch.randperm(len(self.dataset), generator=g)[: self.users_per_round].tolist()
+
+    def local_users(self, users: list[int]) -> list[int]:
+        """This rank's contiguous share of a round's users (all of them in one process)."""
+        lo, hi = shard_range(len(users), self.parallel.rank, self.parallel.world_size)
+        return users[lo:hi]
 
     def collate(self, indices: list[int]):
         return self._collate([self.dataset[i] for i in indices])
@@ -308,8 +359,9 @@ class ECPOTrainer:
                               enabled=self.device.type == "cuda" and self.cfg.amp)
 
     def train_round(self, batch_cpu, gens: Generations) -> dict:
-        """Rewards for one round of generations, then ``updates_per_round`` optimizer steps; returns the
-        round's metrics (reward and legality of the generations, losses of the last update)."""
+        """Rewards for one round of generations (this rank's users), then ``updates_per_round`` optimizer
+        steps; returns the round's metrics over all ranks (reward and legality of the generations, losses of
+        the last update)."""
         cfg, model = self.cfg, self.model
         model.check_batch(batch_cpu)
         batch = batch_cpu.to(self.device, non_blocking=True)
@@ -328,9 +380,7 @@ class ECPOTrainer:
         model.train()
         for _ in range(cfg.updates_per_round):
             with self._autocast():
-                enc = model.encode(batch)
-                logp = sequence_logp(model, enc, safe)
-                ntp = model.decoder.loss(batch.target_codes, enc)
+                logp, ntp = self.parallel(_policy_terms, batch, safe)
             rl = ecpo_loss(logp, logp_old, rewards, eps=cfg.eps, delta=cfg.delta, mask=legal)
             loss = rl + cfg.ntp_weight * ntp
             if model.cfg.moe_aux_loss_coef or model.cfg.moe_z_loss_coef:  # as OneRec.forward adds them
@@ -341,16 +391,24 @@ class ECPOTrainer:
                                                 mask=fmt_mask)
                 loss = loss + cfg.format_weight * fmt
             loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            grad_norm = self.parallel.clip_grad_norm_(cfg.grad_clip)
             self.opt.step()
             self.opt.zero_grad(set_to_none=True)
+            self.parallel.sync_expert_load()
             model.update_expert_bias()
             self.step += 1
-        n_legal = legal.sum()
-        vals = torch.stack([(rewards * legal).sum() / n_legal.clamp_min(1), n_legal / (B * G), rl.detach(),
-                            fmt.detach(), ntp.detach().float(), loss.detach(), grad_norm.float()]).tolist()
+        # sums over the round's generations (added over ranks), then the losses (averaged over ranks)
+        counts = torch.stack([(rewards * legal).sum(), legal.sum().float(), torch.tensor(B * G, device=self.device,
+                                                                                        dtype=torch.float32)])
+        losses = torch.stack([rl.detach(), fmt.detach(), ntp.detach().float(), loss.detach()])
+        if self.parallel.world_size > 1:
+            counts = all_reduce_sum(counts)
+            losses = self.parallel.all_reduce_mean(losses)
+        reward_sum, n_legal, n = counts
+        vals = torch.stack([reward_sum / n_legal.clamp_min(1), n_legal / n, *losses, grad_norm.float()]).tolist()
         keys = ("reward", "legality", "ecpo_loss", "format_loss", "ntp_loss", "loss", "grad_norm")
-        return {"step": self.step, **dict(zip(keys, vals)), "users": B, "staleness": self.step - 1 - gens.version}
+        users = int(n.item()) // G
+        return {"step": self.step, **dict(zip(keys, vals)), "users": users, "staleness": self.step - 1 - gens.version}
 
     # -- the loop -------------------------------------------------------------------------------------------
     def train(self, steps: int | None = None) -> list[dict]:
@@ -359,7 +417,7 @@ class ECPOTrainer:
         if self.step >= end:
             return self.metrics
         self._evaluate()
-        bar = ProgressBar(end, "rl", start=self.step) if self.show_progress else None
+        bar = ProgressBar(end, "rl", start=self.step) if self.show_progress and self.parallel.is_main else None
         try:
             if self.cfg.mode == "single":
                 self._train_single(end, bar)
@@ -372,9 +430,10 @@ class ECPOTrainer:
             self._evaluate()
         if self.out_dir is not None:
             self.save()
-            msg = plot_rl_metrics(self.out_dir / "rl_metrics.jsonl", self.out_dir / "rl_reward.png")
-            if self.show_progress:
-                print(msg)
+            if self.parallel.is_main:
+                msg = plot_rl_metrics(self.out_dir / "rl_metrics.jsonl", self.out_dir / "rl_reward.png")
+                if self.show_progress:
+                    print(msg)
         return self.metrics
 
     def _after_round(self, row: dict, t0: float, bar) -> None:
@@ -391,26 +450,34 @@ class ECPOTrainer:
     def _train_single(self, end: int, bar) -> None:
         while self.step < end:
             t0 = time.perf_counter()
-            batch_cpu = self.collate(self.pick_users())
-            self.model.eval()
+            batch_cpu = self.collate(self.local_users(self.pick_users()))
+            policy = self.parallel.gathered()  # whole parameters (a replica refreshed from the shards under FSDP2)
+            policy.eval()
             with self._autocast():  # the precision training computes logp in, so rho starts at 1
-                gens = generate_group(self.model, batch_cpu.to(self.device), self.cfg, self._sample_gen)
+                gens = generate_group(policy, batch_cpu.to(self.device), self.cfg, self._sample_gen)
             gens.version = self.step
             self._after_round(self.train_round(batch_cpu, gens), t0, bar)
+
+    def _policy_state_cpu(self) -> dict:
+        """The policy's whole state on CPU for the generator process (a collective under FSDP2)."""
+        return {k: v.detach().to("cpu", copy=True) for k, v in self.parallel.full_state_dict().items()}
 
     def _train_async(self, end: int, bar) -> None:
         import torch.multiprocessing as mp
 
         ctx = mp.get_context("spawn")
         param_q, out_q = ctx.Queue(), ctx.Queue(maxsize=self.cfg.queue_size)
+        rank, world = self.parallel.rank, self.parallel.world_size
+        lo, hi = shard_range(self.users_per_round, rank, world)
         spec = {
             "model_config": dataclasses.asdict(self.model.cfg),
-            "state": _cpu_state(self.model),
+            "state": self._policy_state_cpu(),
             "version": self.step,
             "rl_config": dataclasses.asdict(self.cfg),
             "dataset": self.dataset,
             "device": str(self.device),
-            "users_per_round": self.users_per_round,
+            "users_per_round": hi - lo,  # this rank's share, drawn by its own generator process
+            "seeds": (_rank_seed(self.cfg.seed + 101, rank), _rank_seed(self.cfg.seed + 102, rank)),
             "num_threads": torch.get_num_threads(),  # a spawned process would start with the default
         }
         proc = ctx.Process(target=_generator_main, args=(spec, param_q, out_q), daemon=True)
@@ -424,7 +491,7 @@ class ECPOTrainer:
                 _, batch_cpu, gens = msg
                 self._after_round(self.train_round(batch_cpu, gens), t0, bar)
                 if self.step % self.cfg.sync_every == 0:
-                    param_q.put({"version": self.step, "state": _cpu_state(self.model)})
+                    param_q.put({"version": self.step, "state": self._policy_state_cpu()})
         finally:
             param_q.put(None)
             _drain(out_q)
@@ -435,11 +502,15 @@ class ECPOTrainer:
 
     # -- logging --------------------------------------------------------------------------------------------
     def _run_eval(self) -> dict:
+        """``eval_fn`` on rank 0 (``{}`` elsewhere); every rank must call this (the FSDP2 replica is gathered)."""
         if self.eval_fn is None:
             return {}
-        was_training = self.model.training
-        res = self.eval_fn(self.model)
-        self.model.train(was_training)
+        policy = self.parallel.gathered()
+        if not self.parallel.is_main:
+            return {}
+        was_training = policy.training
+        res = self.eval_fn(policy)
+        policy.train(was_training)
         return res
 
     def _evaluate(self) -> None:
@@ -449,15 +520,23 @@ class ECPOTrainer:
 
     def _log(self, row: dict) -> None:
         self.metrics.append(row)
-        if self.out_dir is None:
+        if self.out_dir is None or not self.parallel.is_main:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
         with open(self.out_dir / "rl_metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
 
 
-def _cpu_state(model) -> dict:
-    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+def _policy_terms(model, batch, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What a training update computes with the parameters (run inside the DDP/FSDP2 forward): the teacher-forced
+    ``logp [B, G]`` of the generations ``codes [B, G, L]`` and the next-token loss on the logged targets (0-d)."""
+    enc = model.encode(batch)
+    return sequence_logp(model, enc, codes), model.decoder.loss(batch.target_codes, enc)
+
+
+def _rank_seed(base: int, rank: int, step: int = 0) -> int:
+    """Seed of a per-rank generator: ``base`` itself for rank 0 at step 0 (the single-process stream)."""
+    return base + 1_000_003 * rank + 7_919 * step
 
 
 def _get_alive(q, proc, poll_s: float = 1.0):
@@ -492,8 +571,8 @@ def _generator_main(spec: dict, param_q, out_q) -> None:
         model.load_state_dict(spec["state"])
         model.to(device).eval()
         version, dataset = spec["version"], spec["dataset"]
-        pick = torch.Generator().manual_seed(cfg.seed + 101)
-        sample = torch.Generator(device=device).manual_seed(cfg.seed + 102)
+        pick = torch.Generator().manual_seed(spec["seeds"][0])
+        sample = torch.Generator(device=device).manual_seed(spec["seeds"][1])
 
         def newest_params() -> bool:
             """Load the newest pushed parameters; False once the trainer said stop."""

@@ -1,22 +1,50 @@
-"""Atomic, tensors-only checkpoints that ``torch.load(weights_only=True)`` reads back.
+"""Atomic checkpoints of a training run: one weights-only file in one process, a torch.distributed.checkpoint
+(DCP) folder in a process group; both trainers (pretraining, ECPO) save and resume through here.
 
-A checkpoint is one file holding nested dicts/lists of tensors and plain numbers/strings: the model and
-optimizer state dicts, the LR schedule's step, the data position and every RNG state (Python, NumPy,
-torch CPU and CUDA) converted to tensors, so no pickled objects are ever executed on load. It is written to
-``<path>.tmp``, flushed to disk, then moved over ``<path>`` with ``os.replace``, so a crash mid-write leaves
-the previous checkpoint intact.
+Single process (``<stem>.pt``): one file holding nested dicts/lists of tensors and plain numbers/strings: the
+model and optimizer state dicts, the trainer's own entries (schedule step, data position, configs, meta) and
+every RNG state (Python, NumPy, torch CPU and CUDA) converted to tensors, so ``torch.load(weights_only=True)``
+reads it and no pickled objects are ever executed on load. It is written to ``<path>.tmp``, flushed to disk,
+then moved over ``<path>`` with ``os.replace``, so a crash mid-write leaves the previous checkpoint intact.
+
+Process group (``<stem>.dcp``): the model and optimizer through
+``torch.distributed.checkpoint.state_dict.get_state_dict`` and ``dcp.save`` (each rank writes its shards:
+DTensor shards under FSDP2, one copy of the replicated tensors under DDP) plus ``trainer.pt`` (the trainer's
+entries and rank 0's RNG states, weights-only) into a temporary folder; after a barrier rank 0 renames it to
+``<stem>.dcp.version-<id>`` and atomically repoints the symlink ``<stem>.dcp`` at it (``os.replace`` of a
+link), then deletes the previous version. ``dcp.load`` reshards on load, so a run saved on N ranks resumes on M
+(one process included), DDP or FSDP2 alike; a single-process ``.pt`` also resumes under DDP/FSDP2.
+:func:`load_checkpoint` reads either kind whole on CPU (what ``evaluate``/``generate``/``rl`` need).
 """
 
 from __future__ import annotations
 
 import os
 import random
+import re
+import shutil
+import uuid
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
-__all__ = ["save_checkpoint", "load_checkpoint", "rng_state", "set_rng_state"]
+from onerec_fast.train.parallel import broadcast_object, dist_info, is_distributed
+
+__all__ = [
+    "save_checkpoint",
+    "load_checkpoint",
+    "rng_state",
+    "set_rng_state",
+    "save_training_state",
+    "load_training_state",
+    "checkpoint_path",
+    "find_checkpoint",
+]
+
+_TRAINER_FILE = "trainer.pt"  # inside a DCP folder: everything but the model and optimizer tensors
 
 
 def rng_state() -> dict:
@@ -36,14 +64,15 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
-    """Restore what :func:`rng_state` captured."""
+    """Restore what :func:`rng_state` captured (CUDA states for as many devices as this process sees)."""
     py = state["python"]
     random.setstate((py["version"], tuple(int(x) for x in py["state"].tolist()), py["gauss"] if py["has_gauss"] else None))
     n = state["numpy"]
     np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        for i, s in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(s, i)
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict) -> Path:
@@ -60,8 +89,155 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> Path:
 
 
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
-    """Read a checkpoint written by :func:`save_checkpoint` (``weights_only=True``: no code runs on load)."""
+    """Read a checkpoint whole: a file written by :func:`save_checkpoint` (``weights_only=True``: no code runs
+    on load), or a DCP folder of :func:`save_training_state` (its entries plus ``"model"``, the whole model
+    state dict on CPU; the optimizer stays on disk: resume with :func:`load_training_state`)."""
     path = Path(path)
+    if path.is_dir():
+        return {**_read_trainer_file(path), "model": _read_dcp_model(path)}
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def checkpoint_path(directory: str | os.PathLike, stem: str) -> Path:
+    """Where a run in this process saves: ``<directory>/<stem>.dcp`` in a process group, else ``<stem>.pt``."""
+    return Path(directory) / f"{stem}{'.dcp' if is_distributed() else '.pt'}"
+
+
+def find_checkpoint(directory: str | os.PathLike, stem: str) -> Path:
+    """The newest of ``<stem>.pt`` and ``<stem>.dcp`` in ``directory`` (a run may switch between one process
+    and torchrun); FileNotFoundError when neither exists."""
+    found = [p for p in (Path(directory) / f"{stem}.pt", Path(directory) / f"{stem}.dcp") if p.exists()]
+    if not found:
+        raise FileNotFoundError(f"no checkpoint {stem}.pt or {stem}.dcp in {directory}")
+    return max(found, key=lambda p: os.lstat(p).st_mtime_ns)  # lstat: a .dcp link's time is its last save
+
+
+# --------------------------------------------------------------------------------------------- training state
+def _is_sharded(model: torch.nn.Module) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def save_training_state(path: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                        extra: dict) -> Path:
+    """Save ``model`` (plain, DDP's module or FSDP2-sharded), ``optimizer``, ``extra`` (tensors, numbers,
+    strings) and the RNG states atomically at ``path``: a file in one process, a DCP folder (a link to the
+    newest version) in a process group, where every rank must call this."""
+    state = {**extra, "rng": rng_state()}
+    if not is_distributed():
+        return save_checkpoint(path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(), **state})
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    path = Path(path)
+    rank = dist_info().rank
+    final = path.with_name(f"{path.name}.version-{broadcast_object(uuid.uuid4().hex[:12])}")
+    tmp = final.with_name(final.name + ".tmp")
+    # get_state_dict initializes an empty optimizer state by a zero-lr step; a resume must not count it.
+    state["optimizer_initialized"] = bool(optimizer.state)
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    if not state["optimizer_initialized"]:
+        optimizer.state.clear()
+    dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=tmp)
+    if rank == 0:
+        save_checkpoint(tmp / _TRAINER_FILE, state)
+    dist.barrier()  # every rank's shards are on disk
+    if rank == 0:
+        os.replace(tmp, final)
+        link = path.with_name(f".{path.name}.link")
+        if link.is_symlink():
+            link.unlink()
+        link.symlink_to(final.name)
+        os.replace(link, path)  # the switch to the new version: atomic
+        version = re.compile(re.escape(path.name) + r"\.version-[0-9a-f]{12}(\.tmp)?")
+        for old in path.parent.iterdir():  # earlier versions, and folders of saves that crashed
+            if old != final and version.fullmatch(old.name) and old.is_dir() and not old.is_symlink():
+                shutil.rmtree(old)
+    dist.barrier()
+    return path
+
+
+def load_training_state(path: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                        validate: Callable[[dict], None] | None = None) -> dict:
+    """Load what :func:`save_training_state` wrote (either kind, any world size) into ``model`` and
+    ``optimizer``, restore the RNG states and return the other entries. ``validate(entries)`` runs before
+    anything is loaded (to refuse an incompatible checkpoint). In a process group every rank must call this."""
+    path = Path(path)
+    if path.is_dir():
+        extra = _read_trainer_file(path)
+        if validate is not None:
+            validate(extra)
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        model_sd, optim_sd = get_state_dict(model, optimizer)  # templates: this run's shapes and shards
+        state = {"model": model_sd, "optimizer": optim_sd}
+        _dcp_load(state, path)
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+        if not extra.pop("optimizer_initialized", True):
+            optimizer.state.clear()
+    else:
+        ck = load_checkpoint(path)
+        extra = {k: v for k, v in ck.items() if k not in ("model", "optimizer")}
+        if validate is not None:
+            validate(extra)
+        if _is_sharded(model):
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+            set_state_dict(model, optimizer, model_state_dict=ck["model"],
+                           optim_state_dict=_optim_state_by_name(ck["optimizer"], model, optimizer),
+                           options=StateDictOptions(full_state_dict=True))
+        else:
+            model.load_state_dict(ck["model"])
+            optimizer.load_state_dict(ck["optimizer"])
+    set_rng_state(extra["rng"])
+    return extra
+
+
+def _optim_state_by_name(osd: dict, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """``optimizer.state_dict()`` (parameters numbered in param-group order) -> the same keyed by parameter
+    name, the layout ``set_state_dict`` takes."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    by_index = {}
+    if len(osd["param_groups"]) != len(optimizer.param_groups):
+        raise ValueError(f"the checkpoint's optimizer has {len(osd['param_groups'])} parameter groups, "
+                         f"this one {len(optimizer.param_groups)}")
+    for saved, group in zip(osd["param_groups"], optimizer.param_groups):
+        if len(saved["params"]) != len(group["params"]):
+            raise ValueError("the checkpoint's optimizer groups hold other parameters than this model's")
+        by_index.update({i: names[id(p)] for i, p in zip(saved["params"], group["params"])})
+    return {"state": {by_index[i]: s for i, s in osd["state"].items()},
+            "param_groups": [{**g, "params": [by_index[i] for i in g["params"]]} for g in osd["param_groups"]]}
+
+
+def _read_trainer_file(folder: Path) -> dict:
+    f = folder / _TRAINER_FILE
+    if not f.is_file():
+        raise FileNotFoundError(f"{folder} is not a checkpoint folder of onerec_fast (no {_TRAINER_FILE})")
+    return torch.load(f, map_location="cpu", weights_only=True)
+
+
+def _read_dcp_model(folder: Path) -> dict[str, torch.Tensor]:
+    """The whole model state dict of a DCP folder, on CPU (templates from the folder's metadata)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    meta = dcp.FileSystemReader(str(folder)).read_metadata()
+    template = {k.removeprefix("model."): torch.empty(m.size, dtype=m.properties.dtype)
+                for k, m in meta.state_dict_metadata.items()
+                if k.startswith("model.") and isinstance(m, TensorStorageMetadata)}
+    state = {"model": template}
+    _dcp_load(state, folder)
+    return state["model"]
+
+
+def _dcp_load(state: dict, folder: Path) -> None:
+    """``dcp.load`` into ``state`` in place: collective in a process group, else read by this process alone."""
+    import torch.distributed.checkpoint as dcp
+
+    with warnings.catch_warnings():  # one process reading a checkpoint of many ranks is what is meant here
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        dcp.load(state, checkpoint_id=folder)

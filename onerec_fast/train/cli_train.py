@@ -1,7 +1,12 @@
 """``onerec-fast train``: pretrain a OneRec preset on a data source, with checkpoints and exact resume.
 
     onerec-fast train --data ../shared/data/ml-100k --preset tiny --steps 2000 --out runs/ml100k
-    onerec-fast train ... --resume            # continue from runs/ml100k/checkpoint.pt
+    onerec-fast train ... --resume            # continue from the newest runs/ml100k/checkpoint.{pt,dcp}
+    torchrun --nproc-per-node 8 -m onerec_fast.cli train --preset 0.935b --parallel fsdp ...   # multi-GPU
+
+Under torchrun every rank prepares the data (rank 0's item codes win, should the tokenizer differ), trains on
+its slice of each ``--batch-size`` global batch and writes its shards of ``checkpoint.dcp``; rank 0 alone
+prints and writes the metrics and the plot.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--lifelong-len", type=int, default=None,
                         help="lifelong items per user before hierarchical compression (default: preset)")
     parser.add_argument("--steps", type=int, default=1000, help="optimizer steps in the whole run")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=64, help="global batch (all ranks together)")
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--warmup", type=int, default=100, help="linear warmup steps")
     parser.add_argument("--weight-decay", type=float, default=0.01)
@@ -28,8 +33,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
     parser.add_argument("--backend", default="auto", help="backend of the fused modules: auto, triton, cuda, reference")
     parser.add_argument("--no-amp", action="store_true", help="fp32 on CUDA (default: bf16 autocast)")
+    parser.add_argument("--parallel", choices=("ddp", "fsdp"), default="ddp",
+                        help="under torchrun: DDP (replicated model) or FSDP2 (sharded parameters, gradients and "
+                             "optimizer state); ignored in one process")
     parser.add_argument("--out", default="runs/train", help="folder for checkpoint.pt, metrics.jsonl/.csv, loss.png")
-    parser.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
+    parser.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt (or .dcp)")
 
 
 def build_trainer(args, prepared, synthetic: dict | None = None, show_progress: bool = True):
@@ -51,13 +59,39 @@ def build_trainer(args, prepared, synthetic: dict | None = None, show_progress: 
     tc = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup,
                      weight_decay=args.weight_decay, grad_clip=args.grad_clip, seed=args.seed,
                      amp=not args.no_amp, log_every=args.log_every, ckpt_every=args.ckpt_every,
-                     num_workers=args.num_workers)
+                     num_workers=args.num_workers,
+                     parallel=getattr(args, "parallel", "ddp"))  # the demo's namespace has no --parallel
     return Trainer(model, ds, tc, resolve_device(args.device), out_dir=args.out, show_progress=show_progress,
                    meta=run_meta(args, prepared, synthetic))
 
 
+def same_codes_as_rank0(prepared):
+    """``prepared`` with rank 0's item codes and embeddings (its datasets rebuilt where this rank's tokenizer
+    came out different): every rank must train on the same catalogue. Unchanged in one process."""
+    import dataclasses
+
+    import torch
+
+    from onerec_fast.train.parallel import broadcast_object
+    from onerec_fast.train.pipeline import datasets_for
+
+    codes, emb = broadcast_object((prepared.item_codes, prepared.item_emb))
+    if torch.equal(codes, prepared.item_codes) and torch.equal(emb, prepared.item_emb):
+        return prepared
+    datasets = datasets_for(prepared.log, codes, emb, prepared.batch_config, tuple(prepared.datasets))
+    return dataclasses.replace(prepared, item_codes=codes, item_emb=emb, datasets=datasets)
+
+
 def run(args) -> int:
+    from onerec_fast.train.cli_common import resolve_device
+    from onerec_fast.train.parallel import run_main
+
+    return run_main(resolve_device(args.device), lambda: _run(args))
+
+
+def _run(args) -> int:
     from onerec_fast.model.config import OneRecConfig
+    from onerec_fast.train.checkpoint import find_checkpoint
     from onerec_fast.train.cli_common import resolve_device, synthetic_overrides
     from onerec_fast.train.pipeline import prepare
     from onerec_fast.train.pretrain import plot_metrics
@@ -67,16 +101,19 @@ def run(args) -> int:
     prepared = prepare(args.data, seed=args.seed, codebook_size=args.codebook_size, short_len=preset.short_len,
                        positive_len=args.pos_len or preset.pos_len,
                        lifelong_len=args.lifelong_len or preset.lifelong_len, synthetic=synthetic, splits=("train",))
+    prepared = same_codes_as_rank0(prepared)
     resolve_device(args.device, args.threads)
     trainer = build_trainer(args, prepared, synthetic)
-    ckpt = Path(args.out) / "checkpoint.pt"
     if args.resume:
+        ckpt = find_checkpoint(args.out, "checkpoint")
         trainer.resume(ckpt)
         print(f"resumed from {ckpt} at step {trainer.step}")
-    m = trainer.model
+    m, p = trainer.model, trainer.parallel
     print(f"model {m.cfg.name}: {m.num_parameters() / 1e6:.2f}M dense parameters "
-          f"({m.num_parameters(include_sparse=True) / 1e6:.2f}M with ID tables) on {trainer.device}")
+          f"({m.num_parameters(include_sparse=True) / 1e6:.2f}M with ID tables) on {trainer.device}"
+          + (f" x {p.world_size} ranks ({p.mode})" if p.mode != "single" else ""))
     trainer.train()
-    print(f"checkpoint: {ckpt}")
-    print(plot_metrics(Path(args.out) / "metrics.jsonl", Path(args.out) / "loss.png"))
+    print(f"checkpoint: {trainer.checkpoint_path}")
+    if p.is_main:
+        print(plot_metrics(Path(args.out) / "metrics.jsonl", Path(args.out) / "loss.png"))
     return 0
