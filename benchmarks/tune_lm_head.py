@@ -2,8 +2,8 @@
 
     python benchmarks/tune_lm_head.py [--rows 4096] [--vocab 8192] [--dim 1024] [--dtype bfloat16] [--quick] [--dry-run]
 
-Times every candidate config of the ``gemm`` method (normalize="full", level 1 of a 1M-item trie) and of the
-``gather`` method (normalize="valid", level 2) with CUDA events and keeps the fastest under the key
+Times every candidate config of the ``gemm`` method (normalize="full", levels 1 and 2 of a 1M-item trie, summed)
+and of the ``gather`` method (normalize="valid", level 2) with CUDA events and keeps the fastest under the key
 ``"<method> <dtype> <rows> <vocab> <dim>"`` of this GPU's name (merged into the existing file).
 """
 
@@ -24,13 +24,14 @@ CONFIG_PATH = os.path.join(os.path.dirname(__file__), "..", "kernels", "configs"
 
 
 def _gemm_configs(quick: bool):
-    # quick: the Hopper-shaped corner of the grid (128-row tiles, 8 warps), a tenth of the compile time
-    grid = ((128,), (128, 256), (64, 128), (8,), (3, 4)) if quick else \
-        ((64, 128), (64, 128, 256), (32, 64, 128), (4, 8), (2, 3, 4))
-    for bm, bn, bk, warps, stages in itertools.product(*grid):
+    # quick: the Hopper-shaped corner of the grid (128-row tiles, 64-deep K, 8 warps), 12 configs.
+    # BC: children gathered per epilogue step (0 = the whole tile at once; see kernels/lm_head.py).
+    grid = ((128,), (128, 256), (64,), (8,), (3, 4), (0, 16, 32)) if quick else \
+        ((64, 128), (64, 128, 256), (32, 64, 128), (4, 8), (2, 3, 4), (0, 16))
+    for bm, bn, bk, warps, stages, bc in itertools.product(*grid):
         if bm * bn >= 128 * 256 and warps == 4:
             continue
-        yield {"BM": bm, "BN": bn, "BK": bk, "GROUP_M": 8, "num_warps": warps, "num_stages": stages}
+        yield {"BM": bm, "BN": bn, "BK": bk, "GROUP_M": 8, "BC": bc, "num_warps": warps, "num_stages": stages}
 
 
 def _gather_configs(quick: bool):
@@ -61,7 +62,7 @@ def main():
     ap.add_argument("--dim", type=int, default=1024)
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--dry-run", action="store_true", help="print the best configs without writing the file")
-    ap.add_argument("--quick", action="store_true", help="a small config grid (8 GEMM, 8 gather configs)")
+    ap.add_argument("--quick", action="store_true", help="a small config grid (12 GEMM, 4 gather configs)")
     args = ap.parse_args()
     dtype = getattr(torch, args.dtype)
     g = torch.Generator().manual_seed(0)
@@ -76,8 +77,12 @@ def main():
         return torch.randint(0, trie.num_nodes[level], (args.rows,), device="cuda", dtype=torch.int32)
 
     n1, n2 = nodes_at(1), nodes_at(2)
-    gemm = _best("gemm", _gemm_configs(args.quick), lambda cfg: k.lm_head_gemm(
-        hidden, weight, None, n1, None, trie.child_start[1], trie.child_tokens[1], trie.max_children[1], False, cfg))
+    def gemm_levels_1_2(cfg):  # a dense level (fan-out up to V) and a sparse one: BC helps only the latter
+        for level, nodes in ((1, n1), (2, n2)):
+            k.lm_head_gemm(hidden, weight, None, nodes, None, trie.child_start[level], trie.child_tokens[level],
+                           trie.max_children[level], False, cfg)
+
+    gemm = _best("gemm", _gemm_configs(args.quick), gemm_levels_1_2)
     gather = _best("gather", _gather_configs(args.quick), lambda cfg: k.lm_head_gather(
         hidden, weight, None, n2, None, trie.child_start[2], trie.child_tokens[2], trie.max_children[2], cfg))
     shape = f"{args.dtype} {args.rows} {args.vocab} {args.dim}"

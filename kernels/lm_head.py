@@ -36,11 +36,15 @@ from . import load_configs
 
 # Heuristic defaults until benchmarks/tune_lm_head.py writes kernels/configs/lm_head.json: Hopper-class
 # 128x128 tiles with 64-deep K steps for 16-bit inputs (fp32 halves BK to stay within shared memory).
-_GEMM_DEFAULT = {"BM": 128, "BN": 128, "BK": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
-_GEMM_DEFAULT_FP32 = {"BM": 128, "BN": 128, "BK": 32, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
+# BC: children gathered per epilogue step (0 = the whole [BM, BN] tile at once). Measured on the H200
+# (2026-11-29, BC 0): the kernel takes 429 us where the plain GEMM takes 98 us, and 128x256 tiles take
+# 1347 us, so the [BM, BN] gather epilogue, not the main loop, is the cost; BC > 0 narrows it to
+# [BM, BC] per step and skips the steps no row needs. Not yet timed on a GPU, hence not the default.
+_GEMM_DEFAULT = {"BM": 128, "BN": 128, "BK": 64, "GROUP_M": 8, "BC": 0, "num_warps": 8, "num_stages": 3}
+_GEMM_DEFAULT_FP32 = {"BM": 128, "BN": 128, "BK": 32, "GROUP_M": 8, "BC": 0, "num_warps": 8, "num_stages": 3}
 _GATHER_DEFAULT = {"BC": 16, "BK": 256, "num_warps": 4}
 # The interpreter (CPU tests) runs small tiles; tl.dot needs >= 16 in every dimension.
-_INTERPRET_GEMM = {"BM": 16, "BN": 32, "BK": 16, "GROUP_M": 2, "num_warps": 4, "num_stages": 1}
+_INTERPRET_GEMM = {"BM": 16, "BN": 32, "BK": 16, "GROUP_M": 2, "BC": 0, "num_warps": 4, "num_stages": 1}
 _INTERPRET_GATHER = {"BC": 16, "BK": 32, "num_warps": 4}
 
 
@@ -102,10 +106,11 @@ def _child_tile_bounds_kernel(
 def _lm_head_gemm_kernel(
     h_ptr, w_ptr, bias_ptr, bounds_ptr, child_tokens_ptr, out_ptr, part_m_ptr, part_s_ptr,
     R, V, D, stride_h, stride_w, stride_b, stride_o, stride_p,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, BC: tl.constexpr,
     HAS_BIAS: tl.constexpr, FULL: tl.constexpr, IEEE: tl.constexpr,
 ):
-    """One [BM, BN] tile of h @ W.T: per-row (max, sum exp) of the tile (FULL) and the row's children in it."""
+    """One [BM, BN] tile of h @ W.T: per-row (max, sum exp) of the tile (FULL) and the row's children in it,
+    picked out of the accumulator with ``tl.gather``: all BN columns at once (``BC`` 0) or BC at a time."""
     pid = tl.program_id(0)
     num_m = tl.cdiv(R, BM)
     num_n = tl.cdiv(V, BN)
@@ -150,12 +155,21 @@ def _lm_head_gemm_kernel(
     first = tl.load(b_row, mask=rmask, other=0)
     lo = tl.load(b_row + pid_n, mask=rmask, other=0)
     hi = tl.load(b_row + pid_n + 1, mask=rmask, other=0)
-    c = tl.arange(0, BN)
-    pos = lo[:, None] + c[None, :]
+    if BC == 0:  # one [BM, BN] gather: every column of the tile may be a child
+        _store_children(acc, lo, hi, first, rm, child_tokens_ptr, out_ptr, stride_o, pid_n * BN, 0, BN)
+    else:  # [BM, BC] gathers, only as many as the tile's fullest row needs
+        for c0 in range(0, tl.max(hi - lo, 0), BC):
+            _store_children(acc, lo, hi, first, rm, child_tokens_ptr, out_ptr, stride_o, pid_n * BN, c0, BC)
+
+
+@triton.jit
+def _store_children(acc, lo, hi, first, rm, child_tokens_ptr, out_ptr, stride_o, n0, c0, WIDTH: tl.constexpr):
+    """Store the logits of children ``lo + c0 .. lo + c0 + WIDTH`` (clipped to ``hi``) of each row of the
+    ``acc: [BM, BN]`` tile whose first vocabulary column is ``n0``, at their child index in ``out``."""
+    pos = lo[:, None] + c0 + tl.arange(0, WIDTH)[None, :]
     ok = pos < hi[:, None]
     tok = tl.load(child_tokens_ptr + pos, mask=ok, other=0)
-    col = tl.where(ok, tok - pid_n * BN, 0)
-    val = tl.gather(acc, col, 1)
+    val = tl.gather(acc, tl.where(ok, tok - n0, 0), 1)
     tl.store(out_ptr + rm[:, None].to(tl.int64) * stride_o + (pos - first[:, None]), val, mask=ok)
 
 
@@ -270,7 +284,8 @@ def lm_head_gemm(hidden, weight, bias, nodes, scores, child_start, child_tokens,
     _lm_head_gemm_kernel[grid](
         hidden, weight, bias if bias is not None else weight, bounds, child_tokens, out, part_m, part_s,
         rows, vocab, dim, hidden.stride(0), weight.stride(0), bounds.stride(0), out.stride(0), part_m.stride(0),
-        BM=cfg["BM"], BN=bn, BK=cfg["BK"], GROUP_M=cfg["GROUP_M"], HAS_BIAS=bias is not None, FULL=full,
+        BM=cfg["BM"], BN=bn, BK=cfg["BK"], GROUP_M=cfg["GROUP_M"], BC=cfg.get("BC", 0), HAS_BIAS=bias is not None,
+        FULL=full,
         IEEE=hidden.dtype == torch.float32, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     if full:
