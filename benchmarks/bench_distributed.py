@@ -1,5 +1,6 @@
 """Multi-GPU pretraining benchmark (a plain script, not a pytest suite): the 0.935B OneRec trained by the real
-``Trainer`` on 1 GPU, then under torchrun with DDP and with FSDP2 on ``--gpus`` GPUs, on the same inputs.
+``Trainer`` on 1 GPU, then under torchrun with DDP, with FSDP2 and with DDP + expert parallelism (the decoder's
+MoE experts split over the GPUs, ``--expert-parallel``) on ``--gpus`` GPUs, on the same inputs.
 
     python benchmarks/bench_distributed.py                              # 0.935b, global batch 64, 2 GPUs
     python benchmarks/bench_distributed.py --scaling weak --steps 100 --out bench_results/distributed
@@ -10,14 +11,14 @@ Inputs are bench_model.py's: users with full pathways (20 short-term, 256 positi
 items; 405 encoder tokens each) over a ``--num-items`` catalogue, here as a dataset whose sample ``i`` is drawn
 from seed ``i``, so the ``Trainer``'s sampler gives every run the same global batches (``--scaling strong``,
 the default: the global batch stays ``--batch``, each of N GPUs takes ``--batch / N``) and the loss curves of
-the three runs must coincide up to bf16 rounding. ``--scaling weak`` keeps ``--batch`` per GPU instead.
+the four runs must coincide up to bf16 rounding. ``--scaling weak`` keeps ``--batch`` per GPU instead.
 
 Each run is its own process group (``NCCL_NVLS_ENABLE=0`` and the other NVLink-multicast switches off, as this
 workplace requires); the 1-GPU run is a plain process (the single-process path). Printed and written to
 ``--out``: per run the median step time, tokens/s in all and per GPU, MFU (useful FLOPs over N datasheet
 peaks), peak memory per GPU, the scaling efficiency (tokens/s per GPU over the 1-GPU run's) and the largest
 loss difference to the 1-GPU run; ``summary.json``/``.csv``, each run's ``metrics.json`` and ``loss.png`` (the
-three loss curves, with matplotlib). ``--ckpt`` also times a checkpoint save (``.pt`` on 1 GPU, DCP on N).
+loss curves, with matplotlib). ``--ckpt`` also times a checkpoint save (``.pt`` on 1 GPU, DCP on N).
 """
 
 from __future__ import annotations
@@ -92,8 +93,10 @@ def worker(args) -> int:
         n_params = model.num_parameters()
         batch = args.batch * (info.world_size if args.scaling == "weak" else 1)
         ds = RandomUsers(cfg, batch * args.steps, args.lifelong, item_codes)
+        expert_parallel = args.parallel == "ep"  # DDP with the experts split over the ranks
         tc = TrainConfig(steps=args.steps, batch_size=batch, lr=args.lr, warmup_steps=args.warmup_steps,
-                         log_every=1, ckpt_every=0, num_workers=args.num_workers, parallel=args.parallel,
+                         log_every=1, ckpt_every=0, num_workers=args.num_workers,
+                         parallel="ddp" if expert_parallel else args.parallel, expert_parallel=expert_parallel,
                          amp=device.type == "cuda")
         trainer = Trainer(model, ds, tc, device, show_progress=True)
         if device.type == "cuda":
@@ -110,7 +113,8 @@ def worker(args) -> int:
         peaks = _gather(peak_gb)
         if info.is_main:
             Path(args.run_dir).mkdir(parents=True, exist_ok=True)
-            result = {"parallel": trainer.parallel.mode, "world_size": info.world_size, "global_batch": batch,
+            result = {"parallel": args.parallel if info.world_size > 1 else "single",
+                      "world_size": info.world_size, "global_batch": batch,
                       "dense_parameters": n_params, "peak_memory_gb": peaks, "train_s": train_s,
                       "checkpoint_s": ckpt_s, "checkpoint": str(path) if args.ckpt else None,
                       "peak": str(peak_flops(device, torch.bfloat16 if tc.amp else torch.float32)),
@@ -154,7 +158,8 @@ def launch(args) -> int:
            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "4")}  # torchrun would set 1
     me = str(Path(__file__).resolve())
     runs = [("1 GPU" if args.device == "cuda" else "1 process", "single", 1)]
-    runs += [(f"DDP x{args.gpus}", "ddp", args.gpus), (f"FSDP2 x{args.gpus}", "fsdp", args.gpus)]
+    runs += [(f"DDP x{args.gpus}", "ddp", args.gpus), (f"FSDP2 x{args.gpus}", "fsdp", args.gpus),
+             (f"EP x{args.gpus}", "ep", args.gpus)]
     results = []
     for label, mode, n in runs:
         run_dir = out / f"{mode}{n}"
@@ -232,7 +237,7 @@ def plot_losses(results: list[tuple[str, dict]], png: Path) -> str:
     except ImportError:
         return "matplotlib is not installed: skipped the loss plot (losses are in each run's metrics.json)"
     fig, ax = plt.subplots(figsize=(7, 4))
-    for (label, r), style in zip(results, ("-", "--", ":")):
+    for (label, r), style in zip(results, ("-", "--", ":", "-.")):
         ax.plot(*zip(*r["history"]), style, label=label)
     ax.set_xlabel("step")
     ax.set_ylabel("next-code cross-entropy")
@@ -247,7 +252,7 @@ def plot_losses(results: list[tuple[str, dict]], png: Path) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="0.935b")
-    p.add_argument("--gpus", type=int, default=2, help="GPUs of the DDP and FSDP2 runs")
+    p.add_argument("--gpus", type=int, default=2, help="GPUs of the DDP, FSDP2 and EP runs")
     p.add_argument("--batch", type=int, default=64, help="global batch (strong scaling) or batch per GPU (weak)")
     p.add_argument("--scaling", choices=("strong", "weak"), default="strong")
     p.add_argument("--lifelong", type=int, default=2000, help="lifelong items per user (QFormer input)")
@@ -263,7 +268,7 @@ def main(argv=None) -> int:
     p.add_argument("--ckpt", action="store_true", help="also time a checkpoint save after each run")
     p.add_argument("--out", default="bench_results/distributed")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # one run, started by the launcher
-    p.add_argument("--parallel", default="ddp", help=argparse.SUPPRESS)
+    p.add_argument("--parallel", default="ddp", help=argparse.SUPPRESS)  # ddp, fsdp or ep (DDP + expert parallel)
     p.add_argument("--run-dir", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     return worker(args) if args.worker else launch(args)

@@ -1,5 +1,6 @@
-"""Training under torch.distributed on CPU (Gloo, 2 processes): DDP and FSDP2 match one process with the same
-global batch, DCP checkpoints move between world sizes, only rank 0 writes output, MoELayer and QFormer work
+"""Training under torch.distributed on CPU (Gloo, 2 processes): DDP, FSDP2 and DDP with expert parallelism match
+one process with the same global batch, DCP checkpoints move between world sizes (and in and out of expert
+parallelism), only rank 0 writes output, MoELayer and QFormer work
 inside DDP / FSDP2 (and torch.compile, opt-in), the ECPO loop keeps its ranks identical, and both CLIs run with
 torchrun's environment. With 2 GPUs the pretraining scenarios also run over NCCL.
 
@@ -21,6 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from onerec_fast.distributed import ExpertParallelMoE
 from onerec_fast.train.checkpoint import load_checkpoint
 from onerec_fast.train.parallel import DistInfo, ParallelModel, init_distributed, shard_range, shutdown_distributed
 from onerec_fast.train.pretrain import EpochBatchSampler, TrainConfig, Trainer
@@ -32,6 +34,8 @@ WORLD = 2
 MODULE_CASES = tuple((mode, compiled) for mode in ("ddp", "fsdp")
                      for compiled in ((False, True) if os.environ.get("ONEREC_FAST_TEST_COMPILE") == "1" else (False,)))
 STEPS, BATCH, SAVE_AT = 4, 8, 2
+# the pretraining runs on two ranks: DDP, FSDP2, and DDP with the decoder's 4 experts split 2 + 2 ("ep")
+PRETRAIN_MODES = ("ddp", "fsdp", "ep")
 # fp32 on CPU: the ranks' gradients are averaged in another order than one process sums them
 ATOL = 2e-5
 
@@ -39,6 +43,11 @@ ATOL = 2e-5
 def _cfg(**kw) -> TrainConfig:
     # amp off: fp32 on GPUs too, so that one process and two ranks compare closely (ignored on CPU)
     return TrainConfig(steps=STEPS, batch_size=BATCH, lr=3e-3, warmup_steps=2, log_every=1, amp=False, **kw)
+
+
+def _mode_cfg(mode: str) -> TrainConfig:
+    """The config of a run of ``PRETRAIN_MODES``."""
+    return _cfg(parallel="ddp", expert_parallel=True) if mode == "ep" else _cfg(parallel=mode)
 
 
 def _world():
@@ -70,7 +79,8 @@ def _rank_main(rank: int, port: int, cli_port: int, tmp: str) -> None:
     assert init_distributed("cpu") == DistInfo(rank, WORLD) and dist.get_backend() == "gloo"
     tmp = Path(tmp)
     out = {"codes": _codes_on_rank(rank),
-           "pretrain": {mode: _pretrain_on_rank(mode, tmp) for mode in ("ddp", "fsdp")},
+           "pretrain": {mode: _pretrain_on_rank(mode, tmp) for mode in PRETRAIN_MODES},
+           "ep": _expert_parallel_on_rank(tmp),
            "modules": _modules_on_rank(), "rl": _rl_on_rank(tmp), "cli": _cli_on_rank(tmp)}
     assert not dist.is_initialized()  # the CLI ended the process group init_distributed started
     os.environ["MASTER_PORT"] = str(cli_port)  # the rl CLI starts its own (a new store: another port)
@@ -99,26 +109,49 @@ def _pretrain_on_rank(mode: str, tmp: Path, device: str = "cpu") -> dict:
     codes, ds = _world()
     stdout, stderr = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-        trainer = Trainer(make_model(ds, codes, seed=0), ds, _cfg(parallel=mode), device, out_dir=tmp / mode)
+        trainer = Trainer(make_model(ds, codes, seed=0), ds, _mode_cfg(mode), device, out_dir=tmp / mode)
         trainer.train(SAVE_AT)
         trainer.save(tmp / mode / "step2.dcp")
         history = trainer.train()  # also saves checkpoint.dcp at the end
         trainer.save()  # again: the link moves to a new version and the first is deleted
         # the single-process checkpoint format resumes on two ranks
-        from_pt = Trainer(make_model(ds, codes, seed=5), ds, _cfg(parallel=mode), device, show_progress=False)
+        from_pt = Trainer(make_model(ds, codes, seed=5), ds, _mode_cfg(mode), device, show_progress=False)
         from_pt.resume(tmp / "single_step2.pt")
         rest = from_pt.train()
-        # and DDP's DCP checkpoint resumes on two ranks (under FSDP2: resharded on load)
-        from_dcp = Trainer(make_model(ds, codes, seed=6), ds, _cfg(parallel=mode), device, show_progress=False)
+        # and DDP's DCP checkpoint resumes on two ranks (under FSDP2: resharded on load; with expert
+        # parallelism: each rank reads its experts' rows)
+        from_dcp = Trainer(make_model(ds, codes, seed=6), ds, _mode_cfg(mode), device, show_progress=False)
         from_dcp.resume(tmp / "ddp" / "step2.dcp")
         rest_dcp = from_dcp.train()
     bias = [m.expert_bias.to("cpu", copy=True) for m in trainer.model.modules() if hasattr(m, "expert_bias")]
     # a checkpoint before the first step: the optimizer state DCP needs is made up, then dropped again
-    fresh = Trainer(make_model(ds, codes, seed=0), ds, _cfg(parallel=mode), device, show_progress=False)
+    fresh = Trainer(make_model(ds, codes, seed=0), ds, _mode_cfg(mode), device, show_progress=False)
     fresh.save(tmp / mode / "step0.dcp")
+    replica = trainer.parallel.gathered()  # with whole parameters (and full MoELayers), for generation
     return {"history": history, "state": _cpu_state(trainer.parallel.full_state_dict()), "bias": bias,
+            "expert_parallel_layers": sum(isinstance(m, ExpertParallelMoE) for m in trainer.model.modules()),
+            "replica_state": _cpu_state(replica.state_dict()),
+            "replica_moe": sorted({type(m).__name__ for m in replica.modules() if hasattr(m, "expert_bias")}),
             "grad_norms": [r["grad_norm"] for r in trainer.metrics], "from_pt": rest, "from_dcp": rest_dcp, "stdout": stdout.getvalue(), "stderr": stderr.getvalue(),
             "fresh_optimizer_empty": not fresh.opt.state, "first_users": next(iter(fresh._loader())).user.tolist()}
+
+
+def _expert_parallel_on_rank(tmp: Path) -> dict:
+    """The expert-parallel run's step-2 DCP checkpoint resumed on two ranks without and with expert
+    parallelism, and what expert parallelism refuses (the messages)."""
+    codes, ds = _world()
+    out = {}
+    for mode in ("ddp", "ep"):
+        resumed = Trainer(make_model(ds, codes, seed=7), ds, _mode_cfg(mode), show_progress=False)
+        resumed.resume(tmp / "ep" / "step2.dcp")
+        out[mode] = resumed.train()
+    errors = {}
+    for case, overrides, parallel in (("odd_experts", {"dec_moe_experts": 3}, "ddp"),
+                                      ("dense", {"dec_moe_experts": 0}, "ddp"), ("fsdp", {}, "fsdp")):
+        with pytest.raises(ValueError) as e:
+            ParallelModel(make_model(ds, codes, **overrides), "cpu", parallel, expert_parallel=True)
+        errors[case] = str(e.value)
+    return {"resumed": out, "errors": errors}
 
 
 def _modules_on_rank() -> dict:
@@ -208,7 +241,7 @@ def _gpu_rank_main(rank: int, port: int, tmp: str) -> None:
                       MASTER_PORT=str(port), NCCL_NVLS_ENABLE="0")  # NVLink multicast stays off
     assert init_distributed("cuda") == DistInfo(rank, WORLD) and dist.get_backend() == "nccl"
     try:
-        out = {mode: _pretrain_on_rank(mode, Path(tmp), "cuda") for mode in ("ddp", "fsdp")}
+        out = {mode: _pretrain_on_rank(mode, Path(tmp), "cuda") for mode in PRETRAIN_MODES}
     finally:
         shutdown_distributed()
     torch.save(out, Path(tmp) / f"rank{rank}.pt")
@@ -226,14 +259,17 @@ def _run_cli(module, argv: list[str]) -> dict:
     return {"code": code, "stdout": stdout.getvalue(), "stderr": stderr.getvalue()}
 
 
+# a small synthetic world for the CLI runs
+_SYNTHETIC = [x for kv in ("num_users=40", "num_items=64", "median_history=20", "max_history=40", "heavy_user_frac=0")
+              for x in ("--synthetic", kv)]
+
+
 def _cli_on_rank(tmp: Path) -> dict:
     from onerec_fast.train import cli_train
 
     return _run_cli(cli_train, [
         "--device", "cpu", "--parallel", "fsdp", "--steps", "2", "--batch-size", "8", "--warmup", "1",
-        "--log-every", "1", "--ckpt-every", "0", "--out", str(tmp / "cli"),
-        *[x for kv in ("num_users=40", "num_items=64", "median_history=20", "max_history=40", "heavy_user_frac=0")
-          for x in ("--synthetic", kv)]])
+        "--log-every", "1", "--ckpt-every", "0", "--out", str(tmp / "cli"), *_SYNTHETIC])
 
 
 def _rl_cli_on_rank(tmp: Path) -> dict:
@@ -301,12 +337,15 @@ def test_sampler_shards_partition_the_global_batch():
         TrainConfig(parallel="zero3")
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+@pytest.mark.parametrize("mode", PRETRAIN_MODES)
 def test_two_ranks_match_one_process(runs, mode):
     for rank in runs["ranks"]:
         got = rank["pretrain"][mode]
         _close_losses(got["history"], runs["history"])
-        _close_states(got["state"], runs["state"])
+        _close_states(got["state"], runs["state"])  # with expert parallelism: the experts gathered whole
+        _close_states(got["replica_state"], got["state"], atol=0)
+        assert got["expert_parallel_layers"] == (2 if mode == "ep" else 0)  # the tiny decoder's 2 MoE layers
+        assert got["replica_moe"] == ["MoELayer"]
         # the global gradient (averaged over ranks, not summed: AdamW and clipping would hide a sum)
         assert got["grad_norms"] == pytest.approx(runs["grad_norms"], rel=1e-4)
         # the loss-free bias saw the global load: the same on both ranks and as in one process
@@ -316,7 +355,7 @@ def test_two_ranks_match_one_process(runs, mode):
     assert all(len(h) == BATCH // WORLD for h in halves) and sum(halves, []) == runs["first_users"]
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+@pytest.mark.parametrize("mode", PRETRAIN_MODES)
 def test_checkpoint_of_two_ranks_resumes_in_one_process(runs, mode):
     codes, ds = _world()
     folder = runs["tmp"] / mode
@@ -335,7 +374,7 @@ def test_checkpoint_of_two_ranks_resumes_in_one_process(runs, mode):
     assert not any(p.name.endswith(".tmp") for p in folder.iterdir())
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+@pytest.mark.parametrize("mode", PRETRAIN_MODES)
 def test_checkpoint_before_the_first_step_resumes_from_scratch(runs, mode):
     assert all(r["pretrain"][mode]["fresh_optimizer_empty"] for r in runs["ranks"])
     codes, ds = _world()
@@ -345,11 +384,33 @@ def test_checkpoint_before_the_first_step_resumes_from_scratch(runs, mode):
     _close_losses(resumed.train(), runs["history"])
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+@pytest.mark.parametrize("mode", PRETRAIN_MODES)
 def test_single_process_and_dcp_checkpoints_resume_on_two_ranks(runs, mode):
     for rank in runs["ranks"]:
         _close_losses(rank["pretrain"][mode]["from_pt"], runs["history"][SAVE_AT:])
         _close_losses(rank["pretrain"][mode]["from_dcp"], runs["history"][SAVE_AT:])
+
+
+def test_expert_parallel_checkpoint_resumes_on_two_ranks_with_and_without_it(runs):
+    for rank in runs["ranks"]:
+        for mode in ("ddp", "ep"):
+            _close_losses(rank["ep"]["resumed"][mode], runs["history"][SAVE_AT:])
+
+
+def test_expert_parallel_refuses_what_it_cannot_do(runs):
+    errors = runs["ranks"][0]["ep"]["errors"]
+    assert "num_experts" in errors["odd_experts"] and "decoder.layers.0.ffn" in errors["odd_experts"]
+    assert "MoE layers" in errors["dense"] and "parallel='ddp'" in errors["fsdp"]
+    with pytest.raises(ValueError, match="expert_parallel needs parallel='ddp'"):
+        TrainConfig(parallel="fsdp", expert_parallel=True)
+    codes, ds = _world()
+    with pytest.raises(ValueError, match="more than one process"):  # one process, no torchrun
+        Trainer(make_model(ds, codes), ds, _cfg(expert_parallel=True), show_progress=False)
+    from onerec_fast.train import cli_train
+
+    with pytest.raises(ValueError, match="more than one process"):  # the CLI flag reaches the Trainer
+        _run_cli(cli_train, ["--device", "cpu", "--expert-parallel", "--steps", "1", "--batch-size", "8",
+                             "--out", str(runs["tmp"] / "cli_ep"), *_SYNTHETIC])
 
 
 def test_only_rank_zero_writes(runs):
@@ -433,13 +494,14 @@ def test_cli_rl_under_torchrun_environment(runs):
 
 @pytest.mark.skipif(torch.cuda.device_count() < WORLD, reason="needs 2 CUDA GPUs")
 def test_two_gpus_over_nccl_match_one_gpu(tmp_path):
-    """The pretraining scenarios on 2 GPUs (NCCL, fp32) against one GPU: DDP and FSDP2 losses and parameters,
-    the .pt and DCP resumes. cuBLAS picks other kernels for half the batch, so the tolerances are wider."""
+    """The pretraining scenarios on 2 GPUs (NCCL, fp32) against one GPU: DDP, FSDP2 and DDP with expert parallelism
+    losses and parameters, the .pt and DCP resumes. cuBLAS picks other kernels for half the batch, so the tolerances
+    are wider."""
     ref = _single_process_reference(tmp_path, "cuda")
     mp.start_processes(_gpu_rank_main, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True,
                        start_method="spawn")
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
-    for mode in ("ddp", "fsdp"):
+    for mode in PRETRAIN_MODES:
         for rank in ranks:
             got = rank[mode]
             _close_losses(got["history"], ref["history"], atol=1e-4)

@@ -15,6 +15,12 @@ entries and rank 0's RNG states, weights-only) into a temporary folder; after a 
 link), then deletes the previous version. ``dcp.load`` reshards on load, so a run saved on N ranks resumes on M
 (one process included), DDP or FSDP2 alike; a single-process ``.pt`` also resumes under DDP/FSDP2.
 :func:`load_checkpoint` reads either kind whole on CPU (what ``evaluate``/``generate``/``rl`` need).
+
+Expert parallelism (:func:`~onerec_fast.train.parallel.expert_shards`): each rank holds other rows of the experts
+``w1, w3, w2`` and of their AdamW moments, so around ``dcp.save`` / ``dcp.load`` these become DTensors sharded
+along dim 0 over the layer's group: the checkpoint holds the whole ``[E, ...]`` tensors, exactly as a run without
+expert parallelism writes them, and loads into either kind of run at any world size (a ``.pt`` checkpoint is cut
+to the rank's rows on load).
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from onerec_fast.train.parallel import broadcast_object, dist_info, is_distributed
+from onerec_fast.train.parallel import broadcast_object, dist_info, expert_shards, is_distributed
 
 __all__ = [
     "save_checkpoint",
@@ -142,7 +148,9 @@ def save_training_state(path: str | os.PathLike, model: torch.nn.Module, optimiz
     model_sd, optim_sd = get_state_dict(model, optimizer)
     if not state["optimizer_initialized"]:
         optimizer.state.clear()
-    dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=tmp)
+    tensors = {"model": model_sd, "optimizer": optim_sd}
+    _experts_as_dtensors(model, tensors)
+    dcp.save(tensors, checkpoint_id=tmp)
     if rank == 0:
         save_checkpoint(tmp / _TRAINER_FILE, state)
     dist.barrier()  # every rank's shards are on disk
@@ -175,7 +183,10 @@ def load_training_state(path: str | os.PathLike, model: torch.nn.Module, optimiz
 
         model_sd, optim_sd = get_state_dict(model, optimizer)  # templates: this run's shapes and shards
         state = {"model": model_sd, "optimizer": optim_sd}
+        _experts_as_dtensors(model, state)
         _dcp_load(state, path)
+        for entries, key, _ in _expert_entries(model, state):
+            entries[key] = entries[key].to_local()
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
         if not extra.pop("optimizer_initialized", True):
             optimizer.state.clear()
@@ -191,15 +202,15 @@ def load_training_state(path: str | os.PathLike, model: torch.nn.Module, optimiz
                            optim_state_dict=_optim_state_by_name(ck["optimizer"], model, optimizer),
                            options=StateDictOptions(full_state_dict=True))
         else:
+            _experts_of_rank(ck, model, optimizer)
             model.load_state_dict(ck["model"])
             optimizer.load_state_dict(ck["optimizer"])
     set_rng_state(extra["rng"])
     return extra
 
 
-def _optim_state_by_name(osd: dict, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """``optimizer.state_dict()`` (parameters numbered in param-group order) -> the same keyed by parameter
-    name, the layout ``set_state_dict`` takes."""
+def _param_names_by_index(osd: dict, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[int, str]:
+    """The parameter numbers of ``optimizer.state_dict()`` ``osd`` (param-group order) -> ``model``'s names."""
     names = {id(p): n for n, p in model.named_parameters()}
     by_index = {}
     if len(osd["param_groups"]) != len(optimizer.param_groups):
@@ -209,8 +220,62 @@ def _optim_state_by_name(osd: dict, model: torch.nn.Module, optimizer: torch.opt
         if len(saved["params"]) != len(group["params"]):
             raise ValueError("the checkpoint's optimizer groups hold other parameters than this model's")
         by_index.update({i: names[id(p)] for i, p in zip(saved["params"], group["params"])})
+    return by_index
+
+
+def _optim_state_by_name(osd: dict, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """``optimizer.state_dict()`` (parameters numbered in param-group order) -> the same keyed by parameter
+    name, the layout ``set_state_dict`` takes."""
+    by_index = _param_names_by_index(osd, model, optimizer)
     return {"state": {by_index[i]: s for i, s in osd["state"].items()},
             "param_groups": [{**g, "params": [by_index[i] for i in g["params"]]} for g in osd["param_groups"]]}
+
+
+def _expert_entries(model: torch.nn.Module, state: dict):
+    """``(dict, key, layer)`` of every tensor of an expert-parallel weight of ``model`` in ``state`` (``"model"``
+    and ``"optimizer"`` as ``get_state_dict`` gives them, keyed by name): the weight and its optimizer tensors
+    shaped like it (AdamW's moments; not the 0-d ``step``). A parameter's optimizer entries are first copied into
+    a new dict: ``get_state_dict`` hands out the optimizer's own, which must not change."""
+    optim_state = state["optimizer"]["state"]
+    for name, layer in expert_shards(model).items():
+        yield state["model"], name, layer
+        if name not in optim_state:
+            continue
+        per_param = optim_state[name] = dict(optim_state[name])
+        for key, value in per_param.items():
+            if isinstance(value, torch.Tensor) and value.dim() > 0:
+                yield per_param, key, layer
+
+
+def _experts_as_dtensors(model: torch.nn.Module, state: dict) -> None:
+    """In place: every expert-parallel tensor in ``state`` (this rank's ``[E/P, ...]`` rows) becomes a DTensor
+    sharded along dim 0 over its layer's group (global ``[E, ...]``), which DCP saves and loads whole."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.tensor import DTensor, Shard
+
+    meshes = {}
+    for entries, key, layer in _expert_entries(model, state):
+        local = entries[key]
+        mesh_key = (id(layer.ep_group), local.device.type)
+        if mesh_key not in meshes:
+            group = layer.ep_group if layer.ep_group is not None else dist.group.WORLD
+            meshes[mesh_key] = DeviceMesh.from_group(group, local.device.type)
+        entries[key] = DTensor.from_local(local, meshes[mesh_key], [Shard(0)], run_check=False)
+
+
+def _experts_of_rank(ck: dict, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """In place: the whole ``[E, ...]`` experts of a single-process checkpoint ``ck`` (and their optimizer
+    moments) cut to the rows of this rank's expert-parallel layers of ``model``; nothing without such layers."""
+    if not expert_shards(model):
+        return
+    by_index = _param_names_by_index(ck["optimizer"], model, optimizer)
+    optim_state = ck["optimizer"]["state"]
+    state = {"model": ck["model"], "optimizer": {"state": {by_index[i]: s for i, s in optim_state.items()}}}
+    for entries, key, layer in _expert_entries(model, state):
+        rows = layer.local_experts
+        entries[key] = entries[key][rows.start:rows.stop]
+    ck["optimizer"]["state"] = {i: state["optimizer"]["state"][by_index[i]] for i in optim_state}
 
 
 def _read_trainer_file(folder: Path) -> dict:

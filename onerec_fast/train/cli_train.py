@@ -3,6 +3,7 @@
     onerec-fast train --data ../shared/data/ml-100k --preset tiny --steps 2000 --out runs/ml100k
     onerec-fast train ... --resume            # continue from the newest runs/ml100k/checkpoint.{pt,dcp}
     torchrun --nproc-per-node 8 -m onerec_fast.cli train --preset 0.935b --parallel fsdp ...   # multi-GPU
+    torchrun --nproc-per-node 8 -m onerec_fast.cli train --preset 0.935b --expert-parallel ...  # DDP + experts split
 
 Under torchrun every rank prepares the data (rank 0's item codes win, should the tokenizer differ), trains on
 its slice of each ``--batch-size`` global batch and writes its shards of ``checkpoint.dcp``; rank 0 alone
@@ -36,6 +37,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--parallel", choices=("ddp", "fsdp"), default="ddp",
                         help="under torchrun: DDP (replicated model) or FSDP2 (sharded parameters, gradients and "
                              "optimizer state); ignored in one process")
+    parser.add_argument("--expert-parallel", action="store_true",
+                        help="under torchrun with --parallel ddp: split each MoE layer's experts over the ranks "
+                             "(num_experts must be a multiple of the number of processes)")
     parser.add_argument("--out", default="runs/train", help="folder for checkpoint.pt, metrics.jsonl/.csv, loss.png")
     parser.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt (or .dcp)")
 
@@ -60,7 +64,8 @@ def build_trainer(args, prepared, synthetic: dict | None = None, show_progress: 
                      weight_decay=args.weight_decay, grad_clip=args.grad_clip, seed=args.seed,
                      amp=not args.no_amp, log_every=args.log_every, ckpt_every=args.ckpt_every,
                      num_workers=args.num_workers,
-                     parallel=getattr(args, "parallel", "ddp"))  # the demo's namespace has no --parallel
+                     # the demo's namespace has no --parallel / --expert-parallel
+                     parallel=getattr(args, "parallel", "ddp"), expert_parallel=getattr(args, "expert_parallel", False))
     return Trainer(model, ds, tc, resolve_device(args.device), out_dir=args.out, show_progress=show_progress,
                    meta=run_meta(args, prepared, synthetic))
 
@@ -93,6 +98,7 @@ def _run(args) -> int:
     from onerec_fast.model.config import OneRecConfig
     from onerec_fast.train.checkpoint import find_checkpoint
     from onerec_fast.train.cli_common import resolve_device, synthetic_overrides
+    from onerec_fast.train.parallel import expert_shards
     from onerec_fast.train.pipeline import prepare
     from onerec_fast.train.pretrain import plot_metrics
 
@@ -109,9 +115,12 @@ def _run(args) -> int:
         trainer.resume(ckpt)
         print(f"resumed from {ckpt} at step {trainer.step}")
     m, p = trainer.model, trainer.parallel
-    print(f"model {m.cfg.name}: {m.num_parameters() / 1e6:.2f}M dense parameters "
-          f"({m.num_parameters(include_sparse=True) / 1e6:.2f}M with ID tables) on {trainer.device}"
-          + (f" x {p.world_size} ranks ({p.mode})" if p.mode != "single" else ""))
+    # the experts the other ranks hold, with --expert-parallel (this rank's model has 1/world_size of them)
+    others = (p.world_size - 1) * sum(m.get_parameter(n).numel() for n in expert_shards(m))
+    print(f"model {m.cfg.name}: {(m.num_parameters() + others) / 1e6:.2f}M dense parameters "
+          f"({(m.num_parameters(include_sparse=True) + others) / 1e6:.2f}M with ID tables) on {trainer.device}"
+          + (f" x {p.world_size} ranks ({p.mode}{', expert parallel' if p.expert_parallel else ''})"
+             if p.mode != "single" else ""))
     trainer.train()
     print(f"checkpoint: {trainer.checkpoint_path}")
     if p.is_main:

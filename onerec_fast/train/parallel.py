@@ -18,6 +18,15 @@ group, and the model driven through DDP (default) or FSDP2 (``fully_shard``).
   calls those sub-modules' ``forward`` directly, not the layer's), plus the root for the rest (embeddings,
   heads). Generation and evaluation need whole parameters outside a forward: :meth:`ParallelModel.gathered`
   gives a replica loaded from the gathered full state.
+* Expert parallelism (``expert_parallel=True``, DDP only, more than one rank): every ``MoELayer`` becomes an
+  :class:`~onerec_fast.distributed.ExpertParallelMoE` over the whole world (rank r keeps experts
+  ``r*E/P .. (r+1)*E/P - 1`` of the broadcast full layer). DDP ignores their ``w1, w3, w2``, whose gradients
+  (every rank's tokens: the gradient of the *sum* of the ranks' losses) are divided by the world size in the
+  backward, so they are the same mean as DDP's; the router stays a DDP parameter (its gradient is the rank's
+  own: ``reduce_router_grad=False``). Clipping sums the expert gradients' squared norms over the ranks; the
+  layers sum their own load in ``update_expert_bias`` (``sync_expert_load`` skips them); checkpoints hold the
+  whole ``[E, ...]`` experts (:mod:`onerec_fast.train.checkpoint`), and :meth:`ParallelModel.gathered` and
+  :meth:`ParallelModel.full_state_dict` give the model with full ``MoELayer`` s.
 """
 
 from __future__ import annotations
@@ -48,6 +57,7 @@ __all__ = [
     "all_reduce_sum",
     "main_process_output",
     "default_fsdp_units",
+    "expert_shards",
 ]
 
 PARALLEL_MODES = ("ddp", "fsdp")
@@ -180,6 +190,46 @@ def default_fsdp_units(model: nn.Module) -> list[nn.Module]:
     return units
 
 
+def expert_shards(model: nn.Module) -> dict[str, nn.Module]:
+    """The expert-parallel weights of ``model`` by name (``<layer>.w1``, ``.w3``, ``.w2`` of every
+    ``ExpertParallelMoE``: this rank's ``[E/P, ...]`` rows, in rank order, of an ``[E, ...]`` tensor) -> their layer."""
+    from onerec_fast.distributed.expert_parallel import ExpertParallelMoE
+
+    return {f"{n}.{w}" if n else w: m for n, m in model.named_modules() if isinstance(m, ExpertParallelMoE)
+            for w in ("w1", "w3", "w2")}
+
+
+def _gather_rows(t: torch.Tensor, group) -> torch.Tensor:
+    """``[sum of the ranks' rows, ...]``: every rank's ``t`` of ``group`` concatenated in rank order (collective)."""
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, t.contiguous(), group=group)
+    return torch.cat(parts)
+
+
+def _shard_moe_layers(model: nn.Module, world_size: int) -> None:
+    """Replace every full ``MoELayer`` of ``model`` by its expert-parallel slice over the default group, in place
+    (every rank must hold the same full layers); each expert weight's gradient is divided by ``world_size`` in
+    the backward (the mean over the ranks' losses, as DDP averages the rest)."""
+    from onerec_fast.distributed.expert_parallel import ExpertParallelMoE, shard_experts
+    from onerec_fast.modules.moe import MoELayer
+
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, MoELayer)
+              and not isinstance(m, ExpertParallelMoE)]
+    if not layers:
+        raise ValueError("expert_parallel needs a model with MoE layers (MoELayer), this one has none")
+    for name, layer in layers:
+        if layer.num_experts % world_size:
+            raise ValueError(f"expert_parallel over {world_size} ranks needs every MoE layer's num_experts to be a "
+                             f"multiple of {world_size}; layer {name!r} has {layer.num_experts}")
+    for name, layer in layers:
+        parent, _, attr = name.rpartition(".")
+        # the router is a DDP parameter: its gradient here is this rank's own (it only routes this rank's tokens)
+        ep = shard_experts(layer, group=None, reduce_router_grad=False)
+        for w in (ep.w1, ep.w3, ep.w2):
+            w.register_hook(lambda g, n=world_size: g / n)
+        setattr(model.get_submodule(parent), attr, ep)
+
+
 class _Root(nn.Module):
     """``forward(fn, *args) = fn(model, *args)``: the module DDP/FSDP2 wrap, so that whatever the trainer
     computes with the model runs inside the wrapper's forward."""
@@ -238,10 +288,13 @@ class ParallelModel:
         device: this rank's device.
         mode: ``"ddp"`` or ``"fsdp"`` (ignored without a process group).
         fsdp_units: the sub-modules FSDP2 shards as units (default :func:`default_fsdp_units`).
+        expert_parallel: split every ``MoELayer``'s experts over the ranks (see the module docstring; in place:
+            build the optimizer after this). Needs ``mode="ddp"`` and a process group of more than one rank,
+            and every layer's ``num_experts`` a multiple of the world size (else ValueError).
     """
 
     def __init__(self, model: nn.Module, device: torch.device | str, mode: str = "ddp",
-                 fsdp_units: list[nn.Module] | None = None):
+                 fsdp_units: list[nn.Module] | None = None, *, expert_parallel: bool = False):
         if mode not in PARALLEL_MODES:
             raise ValueError(f"parallel must be one of {PARALLEL_MODES}, got {mode!r}")
         self.model, self.device = model, torch.device(device)
@@ -249,13 +302,19 @@ class ParallelModel:
         self.rank, self.world_size = info.rank, info.world_size
         self.is_main = info.is_main
         self.mode = mode if is_distributed() else "single"
+        self.expert_parallel = bool(expert_parallel)
+        if self.expert_parallel and (self.mode != "ddp" or self.world_size == 1):
+            raise ValueError("expert_parallel needs parallel='ddp' under torchrun with more than one process, got "
+                             f"parallel={mode!r} with {self.world_size} process(es)")
         self._wrapper, self._skeleton = None, None
         if self.mode == "single":
             return
         held = model.__dict__.get(_ATTR)
         if held is not None:
-            if held.mode != self.mode:
-                raise ValueError(f"the model is already wrapped for {held.mode!r}; cannot drive it with {mode!r}")
+            if (held.mode, held.expert_parallel) != (self.mode, self.expert_parallel):
+                raise ValueError(f"the model is already wrapped for {held.mode!r} (expert_parallel="
+                                 f"{held.expert_parallel}); cannot drive it with {mode!r} (expert_parallel="
+                                 f"{self.expert_parallel})")
             self._wrapper, self._skeleton = held._wrapper, held._skeleton
             return
         broadcast_module(model)  # rank 0's parameters and buffers everywhere (DDP on torch 2.11 skips buffers)
@@ -263,6 +322,10 @@ class ParallelModel:
         if self.mode == "ddp":
             from torch.nn.parallel import DistributedDataParallel as DDP
 
+            if self.expert_parallel:
+                self._skeleton = _meta_skeleton(model)  # full MoELayers, for gathered()
+                _shard_moe_layers(model, self.world_size)  # after the broadcast: the same full layers to slice
+                DDP._set_params_and_buffers_to_ignore_for_model(root, [f"model.{n}" for n in expert_shards(model)])
             ids = [self.device.index] if self.device.type == "cuda" else None
             self._wrapper = DDP(root, device_ids=ids, **_no_forward_buffer_sync())
         else:
@@ -289,26 +352,44 @@ class ParallelModel:
             return self._wrapper(fn, *args)
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
-        """Clip the gradients by their global norm (over every rank's shards under FSDP2); returns the norm."""
+        """Clip the gradients by their global norm (over every rank's shards under FSDP2, over every rank's
+        experts with expert parallelism); returns the norm."""
         params = list(self.model.parameters())
-        if not self.sharded:
+        if not self.sharded and not self.expert_parallel:
             return torch.nn.utils.clip_grad_norm_(params, max_norm)
-        from torch.distributed.tensor import DTensor
-
         params = [p for p in params if p.grad is not None]
-        total = torch.nn.utils.get_total_norm([p.grad for p in params], 2.0)
-        if isinstance(total, DTensor):
-            total = total.full_tensor()
+        if self.sharded:
+            from torch.distributed.tensor import DTensor
+
+            total = torch.nn.utils.get_total_norm([p.grad for p in params], 2.0)
+            if isinstance(total, DTensor):
+                total = total.full_tensor()
+        else:
+            # the replicated gradients are the same on every rank, the experts' are each rank's own rows
+            experts = {id(self.model.get_parameter(n)) for n in expert_shards(self.model)}
+
+            def square_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+                if not grads:
+                    return torch.zeros((), dtype=torch.float32, device=self.device)
+                return torch.nn.utils.get_total_norm(grads, 2.0).float().square()
+
+            expert_sq = square_norm([p.grad for p in params if id(p) in experts])
+            dist.all_reduce(expert_sq)
+            total = (square_norm([p.grad for p in params if id(p) not in experts]) + expert_sq).sqrt()
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
         return total
 
     @torch.no_grad()
     def sync_expert_load(self) -> None:
         """Sum every MoE layer's ``load_since_update`` over the ranks (one all-reduce), so that
-        ``update_expert_bias`` sees the global batch's load and keeps ``expert_bias`` identical on every rank."""
+        ``update_expert_bias`` sees the global batch's load and keeps ``expert_bias`` identical on every rank.
+        Expert-parallel layers are skipped: their ``update_expert_bias`` sums the load itself (summing twice
+        would scale the load by the world size: the same sign of ``mean - load``, so the same bias, but one
+        all-reduce too many)."""
+        from onerec_fast.distributed.expert_parallel import ExpertParallelMoE
         from onerec_fast.model.layers import moe_layers
 
-        layers = moe_layers(self.model)
+        layers = [m for m in moe_layers(self.model) if not isinstance(m, ExpertParallelMoE)]
         if self.world_size == 1 or not layers:
             return
         counts = [m.load_since_update for m in layers]
@@ -326,17 +407,22 @@ class ParallelModel:
         return t / self.world_size
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """Whole tensors of the model's state on every rank (an all-gather under FSDP2: call on every rank)."""
-        if not self.sharded:
-            return self.model.state_dict()
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        """Whole tensors of the model's state on every rank, the layout of the model without parallelism (an
+        all-gather under FSDP2 and of the expert-parallel experts: call on every rank)."""
+        if self.sharded:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True))
+            return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True))
+        state = self.model.state_dict()
+        for name, layer in expert_shards(self.model).items():
+            state[name] = _gather_rows(state[name], layer.ep_group)
+        return state
 
     def gathered(self) -> nn.Module:
         """The model with whole parameters, for generation and evaluation outside a training forward: the
-        model itself, or under FSDP2 a replica refreshed from :meth:`full_state_dict` (call on every rank)."""
-        if not self.sharded:
+        model itself, or under FSDP2 and expert parallelism a replica (with full ``MoELayer`` s) refreshed from
+        :meth:`full_state_dict` (call on every rank)."""
+        if self._skeleton is None:
             return self.model
         self._skeleton.load_state_dict(self.full_state_dict(), assign=True)
         return self._skeleton

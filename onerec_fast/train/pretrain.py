@@ -16,7 +16,9 @@
   (their union is the single-process batch), so losses and updates match one process with the same
   ``batch_size``; the MoE load is summed over ranks before the expert-bias update; logged loss, tokens/s and
   MFU are over all ranks (MFU against ``world_size`` peaks); only rank 0 shows progress and writes metrics;
-  checkpoints are DCP folders that resume on any number of ranks.
+  checkpoints are DCP folders that resume on any number of ranks. ``expert_parallel=True`` (DDP only) also
+  splits the MoE experts over the ranks (:class:`~onerec_fast.distributed.ExpertParallelMoE`); the updates
+  still equal one process's, and checkpoints still hold the whole experts.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ class TrainConfig:
     ckpt_every: int = 0  # 0: only at the end of train()
     num_workers: int = 0
     parallel: str = "ddp"  # under torchrun: "ddp" (replicated) or "fsdp" (FSDP2, sharded); ignored in one process
+    expert_parallel: bool = False  # with "ddp" under torchrun (> 1 process): the MoE experts split over the ranks
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "log_every"):
@@ -65,6 +68,8 @@ class TrainConfig:
             raise ValueError(f"lr must be > 0 and min_lr_ratio in [0, 1], got {self.lr}, {self.min_lr_ratio}")
         if self.parallel not in PARALLEL_MODES:
             raise ValueError(f"parallel must be one of {PARALLEL_MODES}, got {self.parallel!r}")
+        if self.expert_parallel and self.parallel != "ddp":
+            raise ValueError(f"expert_parallel needs parallel='ddp', got parallel={self.parallel!r}")
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -138,7 +143,8 @@ class Trainer:
     loss of the global batch). ``meta`` (tensors, numbers, strings) is stored in every checkpoint as is (the
     CLI keeps the data source and the item embeddings there). Under torchrun (the process group is started
     here if needed) ``device`` ``"cuda"`` means this rank's GPU and the model is wrapped as ``cfg.parallel``
-    says; ``self.model`` stays the ``OneRec`` (sharded in place under FSDP2).
+    says; ``self.model`` stays the ``OneRec`` (sharded in place under FSDP2, its MoE layers replaced by
+    expert-parallel ones with ``cfg.expert_parallel``: ``self.parallel.full_state_dict()`` is the whole state).
     """
 
     def __init__(self, model, dataset, cfg: TrainConfig, device: torch.device | str = "cpu",
@@ -149,7 +155,8 @@ class Trainer:
         self.model, self.dataset, self.cfg = model, dataset, cfg
         self.device = local_device(device)
         self.model.to(self.device)
-        self.parallel = ParallelModel(model, self.device, cfg.parallel)  # before the optimizer: FSDP2 swaps parameters
+        # before the optimizer: FSDP2 swaps parameters, expert parallelism swaps the MoE layers
+        self.parallel = ParallelModel(model, self.device, cfg.parallel, expert_parallel=cfg.expert_parallel)
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.show_progress = show_progress
         self.meta = meta or {}
