@@ -13,8 +13,8 @@ Each of the P ranks of the expert-parallel (EP) group holds ``E / P`` experts, r
 3. dispatch: the rows ``x[token of pair]`` in expert order go out with ``all_to_all_single``; a rank
    receives ``N = sum(recv)`` rows ordered by (source rank, local expert);
 4. the local experts run on them with :func:`~onerec_fast.ops.moe.moe_experts` (the Triton grouped
-   GEMMs on GPU, the reference on CPU), grouped by local expert through a stable sort of the rows'
-   expert ids (the GEMMs gather through that permutation; no second copy of the rows);
+   GEMMs on GPU, the reference on CPU), grouped by local expert through a permutation computed from
+   the exchanged counts (the GEMMs gather through it; no sort, no second copy of the rows);
 5. combine: ``all_to_all_single`` back, rows to pair order, and the gate-weighted sum over each token's
    k slots in slot order, in fp32 (deterministic, no atomics).
 
@@ -204,12 +204,17 @@ class ExpertParallelMoE(MoELayer):
 
         x_recv = _AllToAll.apply(_GatherPairs.apply(x, routing.sorted_pair_idx, k), recv_splits, send_splits,
                                  group, timer)  # [n_recv, d], ordered by (source rank, local expert)
-        row_expert = torch.repeat_interleave(torch.arange(P * n_local, device=x.device) % n_local, recv.view(-1),
-                                             output_size=n_recv)
-        # Stable: within an expert the rows stay in (source rank, arrival) order, so runs are repeatable.
-        order = torch.sort(row_expert, stable=True).indices.to(torch.int32)
-        offsets = F.pad(recv.sum(0).cumsum(0), (1, 0)).to(torch.int32)
-        y_recv = moe_experts(x_recv, order, offsets, w1, w3, w2, backend=backend)
+        # Group the received rows by local expert, each expert's rows in (source rank, arrival) order. The
+        # counts fix the permutation (no sort): block (s, e) arrives at its exclusive prefix over the flat
+        # (s, e) order and goes to expert e's offset plus the rows of e from ranks before s.
+        blocks = recv.reshape(-1)
+        offsets = F.pad(recv.sum(0).cumsum(0), (1, 0))
+        dst_start = offsets[:-1] + recv.cumsum(0) - recv  # [P, n_local]
+        shift = torch.repeat_interleave(dst_start.reshape(-1) - (blocks.cumsum(0) - blocks), blocks,
+                                        output_size=n_recv)
+        rows = torch.arange(n_recv, device=x.device)
+        order = torch.empty_like(rows).scatter_(0, rows + shift, rows).to(torch.int32)
+        y_recv = moe_experts(x_recv, order, offsets.to(torch.int32), w1, w3, w2, backend=backend)
 
         y_sorted = _AllToAll.apply(y_recv, send_splits, recv_splits, group, timer)  # [T*k, d], expert order
         pair_idx = routing.sorted_pair_idx.long()

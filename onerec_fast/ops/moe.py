@@ -90,9 +90,13 @@ def moe_ffn_ref(
     xf = x.to(dt)
     out = torch.zeros_like(xf)
     for e in range(w1.shape[0]):
-        h = F.silu(xf @ w1[e].to(dt)) * (xf @ w3[e].to(dt))
-        out = out + gates[:, e : e + 1] * (h @ w2[e].to(dt))
+        out = out + gates[:, e : e + 1] * _swiglu_expert(xf, w1[e], w3[e], w2[e])
     return MoEOutput(out.to(x.dtype), routing)
+
+
+def _swiglu_expert(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """One expert of the references: ``(silu(x @ w1) * (x @ w3)) @ w2`` in ``x``'s dtype (``w: [d, f], [f, d]``)."""
+    return (F.silu(x @ w1.to(x.dtype)) * (x @ w3.to(x.dtype))) @ w2.to(x.dtype)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -120,7 +124,9 @@ def _kernel_fwd(x, router_weight, w1, w3, w2, expert_bias, top_k, sigmoid, norm_
 def _experts_bwd(dy, x, w1, w3, w2, gate, sorted_pair_idx, expert_offsets, a1, a3, top_k):
     from onerec_fast.kernels.moe_gemm import moe_gemm_bwd
 
-    return moe_gemm_bwd(dy, x, w1.contiguous(), w3.contiguous(), w2.contiguous(), gate, sorted_pair_idx,
+    # The kernels need dy in x's dtype. Seen on the H200: under bf16 autocast in the OneRec trainer the
+    # output gradient arrived in fp32 (the dh kernel's dot then refused fp32 x bf16).
+    return moe_gemm_bwd(dy.to(x.dtype), x, w1.contiguous(), w3.contiguous(), w2.contiguous(), gate, sorted_pair_idx,
                         expert_offsets, a1, a3, top_k)
 
 
@@ -129,10 +135,9 @@ def _kernel_bwd(saved, top_k, sigmoid, norm_topk, g_out, g_weights, g_prob_sum, 
     the routing and the router GEMM in PyTorch ([T, E] is small)."""
     x, router_weight, w1, w3, w2, logits, topk_ids, topk_weights, sorted_pair_idx, expert_offsets, a1, a3 = saved
     T, E = logits.shape
-    # The kernels need dy in x's dtype. Seen on the H200: under bf16 autocast in the OneRec trainer the
-    # output gradient arrived in fp32 (the dh kernel's dot then refused fp32 x bf16).
-    g_out = x.new_zeros(x.shape) if g_out is None else g_out.to(x.dtype)
-    dx, dw1, dw3, dw2, dgate = experts_bwd(g_out.contiguous(), x, w1, w3, w2, topk_weights.view(-1),
+    if g_out is None:
+        g_out = x.new_zeros(x.shape)
+    dx, dw1, dw3, dw2, dgate = experts_bwd(g_out, x, w1, w3, w2, topk_weights.view(-1),
                                            sorted_pair_idx, expert_offsets, a1, a3, top_k)
     g_w = dgate.view(T, top_k) if g_weights is None else dgate.view(T, top_k) + g_weights
     g_logits = moe_route_bwd(logits, topk_ids, topk_weights, sigmoid, norm_topk, g_w, g_prob_sum, g_lse)
@@ -285,8 +290,7 @@ def moe_experts_ref(x: torch.Tensor, sorted_idx: torch.Tensor, expert_offsets: t
     dt = torch.promote_types(x.dtype, torch.float32)
     xs = x.to(dt).index_select(0, idx)
     bounds = expert_offsets.tolist()
-    ys = [(F.silu(xs[lo:hi] @ w1[e].to(dt)) * (xs[lo:hi] @ w3[e].to(dt))) @ w2[e].to(dt)
-          for e, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:]))]
+    ys = [_swiglu_expert(xs[lo:hi], w1[e], w3[e], w2[e]) for e, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:]))]
     y = torch.cat(ys)
     # out-of-place index_copy: differentiable w.r.t. y (its backward gathers through the same index)
     return y.new_empty(y.shape).index_copy(0, idx, y).to(x.dtype)
@@ -308,7 +312,7 @@ class _MoEExpertsFunction(torch.autograd.Function):
     def backward(ctx, g_out):
         x, sorted_idx, expert_offsets, w1, w3, w2, a1, a3 = ctx.saved_tensors
         ones = torch.ones(x.shape[0], dtype=torch.float32, device=x.device)
-        dx, dw1, dw3, dw2, _ = _experts_bwd(g_out.contiguous(), x, w1, w3, w2, ones, sorted_idx, expert_offsets,
+        dx, dw1, dw3, dw2, _ = _experts_bwd(g_out, x, w1, w3, w2, ones, sorted_idx, expert_offsets,
                                             a1, a3, 1)
         return dx, None, None, dw1, dw3, dw2, None
 
