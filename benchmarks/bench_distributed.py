@@ -229,24 +229,11 @@ def format_summary(rows: list[dict]) -> str:
 
 
 def plot_losses(results: list[tuple[str, dict]], png: Path) -> str:
-    try:
-        import matplotlib
+    from onerec_fast.train.progress import line_plots
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return "matplotlib is not installed: skipped the loss plot (losses are in each run's metrics.json)"
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for (label, r), style in zip(results, ("-", "--", ":", "-.")):
-        ax.plot(*zip(*r["history"]), style, label=label)
-    ax.set_xlabel("step")
-    ax.set_ylabel("next-code cross-entropy")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(png, dpi=120)
-    plt.close(fig)
-    return f"loss plot: {png}"
+    series = [(label, *zip(*r["history"]), style) for (label, r), style in zip(results, ("-", "--", ":", "-."))]
+    return line_plots(png, [("step", "next-code cross-entropy", series)], "loss",
+                      "losses are in each run's metrics.json")
 
 
 def main(argv=None) -> int:

@@ -296,8 +296,6 @@ class ECPOTrainer:
     @property
     def checkpoint_path(self) -> Path:
         """Where :meth:`save` writes by default: ``<out_dir>/rl_checkpoint.pt`` (``.dcp`` under torchrun)."""
-        if self.out_dir is None:
-            raise ValueError("save() needs a path when the trainer has no out_dir")
         return checkpoint_path(self.out_dir, "rl_checkpoint")
 
     def _checkpoint_entries(self) -> dict:
@@ -614,25 +612,15 @@ def _generator_main(spec: dict, param_q, out_q) -> None:
 def plot_rl_metrics(metrics_jsonl: str | Path, png: str | Path) -> str:
     """Plot reward and legality against RL step into ``png`` (with the ``eval_`` curves when logged);
     returns a one-line message (matplotlib is optional)."""
-    try:
-        import matplotlib
+    from onerec_fast.train.progress import line_plots
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return "matplotlib is not installed: skipped the reward plot (metrics are in rl_metrics.jsonl)"
     rows = [json.loads(line) for line in Path(metrics_jsonl).read_text().splitlines() if line.strip()]
-    fig, (ax_r, ax_l) = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, key in ((ax_r, "reward"), (ax_l, "legality")):
+    panels = []
+    for key in ("reward", "legality"):
+        series = []
         for prefix, style in (("", "-"), ("eval_", "o-")):
             pts = [(r["step"], r[prefix + key]) for r in rows if prefix + key in r]
             if pts:
-                ax.plot(*zip(*pts), style, label=f"{prefix or 'train '}{key}".replace("_", " "))
-        ax.set_xlabel("RL step")
-        ax.set_ylabel(key)
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(png, dpi=120)
-    plt.close(fig)
-    return f"reward plot: {png}"
+                series.append((f"{prefix or 'train '}{key}".replace("_", " "), *zip(*pts), style))
+        panels.append(("RL step", key, series))
+    return line_plots(png, panels, "reward", "metrics are in rl_metrics.jsonl")

@@ -106,8 +106,11 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     return torch.load(path, map_location=map_location, weights_only=True)
 
 
-def checkpoint_path(directory: str | os.PathLike, stem: str) -> Path:
-    """Where a run in this process saves: ``<directory>/<stem>.dcp`` in a process group, else ``<stem>.pt``."""
+def checkpoint_path(directory: str | os.PathLike | None, stem: str) -> Path:
+    """Where a run in this process saves: ``<directory>/<stem>.dcp`` in a process group, else ``<stem>.pt``.
+    ``directory`` None (a trainer without ``out_dir``) raises ValueError: such a save needs an explicit path."""
+    if directory is None:
+        raise ValueError("save() needs a path when the trainer has no out_dir")
     return Path(directory) / f"{stem}{'.dcp' if is_distributed() else '.pt'}"
 
 

@@ -173,8 +173,6 @@ class Trainer:
     @property
     def checkpoint_path(self) -> Path:
         """Where :meth:`save` writes by default: ``<out_dir>/checkpoint.pt`` (``checkpoint.dcp`` under torchrun)."""
-        if self.out_dir is None:
-            raise ValueError("save() needs a path when the trainer has no out_dir")
         return checkpoint_path(self.out_dir, "checkpoint")
 
     def _checkpoint_entries(self) -> dict:
@@ -316,21 +314,9 @@ def _loss(model, batch) -> torch.Tensor:
 
 
 def plot_metrics(metrics_jsonl: str | Path, png: str | Path) -> str:
-    """Plot loss (and MFU) against step into ``png``; returns a one-line message (matplotlib is optional)."""
-    try:
-        import matplotlib
+    """Plot loss against step into ``png``; returns a one-line message (matplotlib is optional)."""
+    from onerec_fast.train.progress import line_plots
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return "matplotlib is not installed: skipped the loss plot (metrics are in metrics.csv)"
     rows = [json.loads(line) for line in Path(metrics_jsonl).read_text().splitlines() if line.strip()]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("next-code cross-entropy")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(png, dpi=120)
-    plt.close(fig)
-    return f"loss plot: {png}"
+    series = [("loss", [r["step"] for r in rows], [r["loss"] for r in rows], "-")]
+    return line_plots(png, [("step", "next-code cross-entropy", series)], "loss", "metrics are in metrics.csv")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 import time
 
-__all__ = ["ProgressBar", "format_duration"]
+__all__ = ["ProgressBar", "format_duration", "line_plots"]
 
 
 def format_duration(seconds: float) -> str:
@@ -73,3 +73,30 @@ class ProgressBar:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def line_plots(png, panels: list[tuple[str, str, list[tuple]]], what: str, missing: str) -> str:
+    """Save side-by-side line plots to ``png``; returns a one-line message (matplotlib is optional).
+
+    ``panels``: ``(xlabel, ylabel, series)`` each, ``series`` a list of ``(label, xs, ys, style)``; ``what``
+    names the plot in the message; ``missing`` says where the numbers are when matplotlib is absent."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return f"matplotlib is not installed: skipped the {what} plot ({missing})"
+    fig, axes = plt.subplots(1, len(panels), figsize=(7 + 4 * (len(panels) - 1), 4), squeeze=False)
+    for ax, (xlabel, ylabel, series) in zip(axes[0], panels):
+        for label, xs, ys, style in series:
+            ax.plot(xs, ys, style, label=label)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        if series:
+            ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+    return f"{what} plot: {png}"
