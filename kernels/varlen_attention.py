@@ -37,7 +37,7 @@ from . import load_configs
 LOG2E = 1.4426950408889634
 _LOG2E = tl.constexpr(LOG2E)  # jit code may only read constexpr globals
 SUPPORTED_HEAD_DIMS = (32, 64, 128)
-KERNELS = ("fwd", "bwd_dq", "bwd_dkdv")
+KERNELS = ("fwd", "bwd_dq", "bwd_dkdv", "bwd_fused")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -127,6 +127,29 @@ def _varlen_attn_fwd_kernel(
 
 
 @triton.jit
+def _query_tile(
+    b64, h, offs_m, mask_m, Q, Out, dOut, Lse, dLse, stride_qb, stride_qh, stride_qm, stride_ob, stride_oh, stride_om,
+    stride_dob, stride_doh, stride_dom, stride_lb, stride_lh, HAS_DLSE: tl.constexpr, HEAD_DIM: tl.constexpr,
+):
+    """What the backward needs of the queries ``offs_m`` of (row b, head h): ``q, dO [BLOCK_M, HEAD_DIM]``,
+    ``delta = rowsum(dO * O) - dlse`` (the gradient reaching lse directly; dS = P * (dP - delta)),
+    ``lse * log2 e`` (+inf past Lq, so P = 0 there) and the offsets of the lse entries."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = tl.load(Q + b64 * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
+                mask=mask_m[:, None], other=0.0)
+    do = tl.load(dOut + b64 * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :],
+                 mask=mask_m[:, None], other=0.0)
+    o = tl.load(Out + b64 * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
+                mask=mask_m[:, None], other=0.0)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    lse_off = b64 * stride_lb + h * stride_lh + offs_m
+    if HAS_DLSE:
+        delta -= tl.load(dLse + lse_off, mask=mask_m, other=0.0)
+    lse2 = tl.load(Lse + lse_off, mask=mask_m, other=float("inf")) * _LOG2E
+    return q, do, delta, lse2, lse_off
+
+
+@triton.jit
 def _dq_row(
     dq, b, h, kvh, offs_m, mask_m, Q, K, V, Out, dOut, Lse, dLse, Delta, SeqStarts, SeqEnds,
     stride_qb, stride_qh, stride_qm, stride_kt, stride_kh, stride_vt, stride_vh,
@@ -138,19 +161,10 @@ def _dq_row(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     start, seqlen_k = _row_keys(SeqStarts, SeqEnds, b)
-    q = tl.load(Q + b64 * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
-                mask=mask_m[:, None], other=0.0)
-    do = tl.load(dOut + b64 * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :],
-                 mask=mask_m[:, None], other=0.0)
-    o = tl.load(Out + b64 * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
-                mask=mask_m[:, None], other=0.0)
-    # delta = rowsum(dO * O) minus the gradient reaching lse directly (dS = P * (dP - delta)).
-    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
-    lse_off = b64 * stride_lb + h * stride_lh + offs_m
-    if HAS_DLSE:
-        delta -= tl.load(dLse + lse_off, mask=mask_m, other=0.0)
+    q, do, delta, lse2, lse_off = _query_tile(
+        b64, h, offs_m, mask_m, Q, Out, dOut, Lse, dLse, stride_qb, stride_qh, stride_qm, stride_ob, stride_oh,
+        stride_om, stride_dob, stride_doh, stride_dom, stride_lb, stride_lh, HAS_DLSE, HEAD_DIM)
     tl.store(Delta + lse_off, delta, mask=mask_m)
-    lse2 = tl.load(Lse + lse_off, mask=mask_m, other=0.0) * _LOG2E
 
     k_ptrs = K + start * stride_kt + kvh * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :]
     v_ptrs = V + start * stride_vt + kvh * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :]
@@ -269,6 +283,62 @@ def _varlen_attn_bwd_dkdv_kernel(
 
 
 # ----------------------------------------------------------------------------------------------
+# backward, one pass: dq, dk, dv (per-row queries, Hq == Hkv, Lq <= 128)
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _varlen_attn_bwd_fused_kernel(
+    Q, K, V, Out, dOut, Lse, dLse, dQ, dK, dV, SeqStarts, SeqEnds,
+    stride_qb, stride_qh, stride_qm,
+    stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_ob, stride_oh, stride_om,
+    stride_dob, stride_doh, stride_dom,
+    stride_lb, stride_lh,
+    stride_dqb, stride_dqh, stride_dqm,
+    stride_dkt, stride_dkh, stride_dvt, stride_dvh,
+    num_heads, seqlen_q, sm_scale, qk_scale,
+    HAS_DLSE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # One program per (row, head) holds all the row's queries (BLOCK_M >= Lq), so it owns dq of its
+    # queries and dk/dv of its keys outright: one sweep over the keys computes all three (5 dots per
+    # key block instead of the two-kernel path's 7), with no atomics and no partial sums.
+    pid = tl.program_id(0)
+    b = pid // num_heads
+    h = pid % num_heads
+    b64 = b.to(tl.int64)
+    start, seqlen_k = _row_keys(SeqStarts, SeqEnds, b)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    mask_m = offs_m < seqlen_q
+    q, do, delta, lse2, _ = _query_tile(
+        b64, h, offs_m, mask_m, Q, Out, dOut, Lse, dLse, stride_qb, stride_qh, stride_qm, stride_ob, stride_oh,
+        stride_om, stride_dob, stride_doh, stride_dom, stride_lb, stride_lh, HAS_DLSE, HEAD_DIM)
+
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    # Keys past the row's end load as zeros: their dk/dv rows are not stored and, k being 0 there,
+    # they add nothing to dq, so the scores need no mask.
+    for n in range(0, seqlen_k, BLOCK_N):
+        rows = start + n + offs_n
+        mask_n = n + offs_n < seqlen_k
+        k = tl.load(K + rows[:, None] * stride_kt + h * stride_kh + offs_d[None, :], mask=mask_n[:, None], other=0.0)
+        v = tl.load(V + rows[:, None] * stride_vt + h * stride_vh + offs_d[None, :], mask=mask_n[:, None], other=0.0)
+        pT = tl.math.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse2[None, :])  # [BLOCK_N, BLOCK_M]
+        dv = tl.dot(pT.to(do.dtype), do)
+        dsT = pT * (tl.dot(v, tl.trans(do)) - delta[None, :])
+        ds = dsT.to(q.dtype)
+        dk = tl.dot(ds, q)
+        dq += tl.dot(tl.trans(ds), k)
+        tl.store(dK + rows[:, None] * stride_dkt + h * stride_dkh + offs_d[None, :],
+                 (dk * sm_scale).to(dK.dtype.element_ty), mask=mask_n[:, None])
+        tl.store(dV + rows[:, None] * stride_dvt + h * stride_dvh + offs_d[None, :],
+                 dv.to(dV.dtype.element_ty), mask=mask_n[:, None])
+    tl.store(dQ + b64 * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :],
+             (dq * sm_scale).to(dQ.dtype.element_ty), mask=mask_m[:, None])
+
+
+# ----------------------------------------------------------------------------------------------
 # launch configs
 # ----------------------------------------------------------------------------------------------
 
@@ -278,9 +348,24 @@ def lq_bucket(seqlen_q: int) -> int:
     return min(128, max(16, triton.next_power_of_2(seqlen_q)))
 
 
-def config_key(kernel: str, head_dim: int, seqlen_q: int, dtype: torch.dtype) -> str:
-    """Shape key of ``kernels/configs/varlen_attention.json``, e.g. ``"fwd d64 lq128 bfloat16"``."""
-    return f"{kernel} d{head_dim} lq{lq_bucket(seqlen_q)} {str(dtype).removeprefix('torch.')}"
+def lk_bucket(keys_per_row: int) -> int:
+    """The key-length bucket configs are keyed by: the next power of two of the keys per row, between
+    128 and 4096. Short and long rows want different tiles: on the H200 the d128 forward config tuned on
+    rows of 512-2048 keys (3 stages) ran B=1024 of those in 1.95 ms against 2.40 ms with the default
+    (2 stages), but the 405-key beam decode in 0.277 ms against 0.184 ms."""
+    return min(4096, max(128, triton.next_power_of_2(max(1, keys_per_row))))
+
+
+def keys_per_row(k: torch.Tensor, batch: int) -> int:
+    """Mean keys per row as the shapes give them (no sync): ``total / B`` for jagged ``k: [total, Hkv, D]``,
+    the padded length for ``[B, L, Hkv, D]``."""
+    return k.shape[:-2].numel() // max(1, batch)
+
+
+def config_key(kernel: str, head_dim: int, seqlen_q: int, keys: int, dtype: torch.dtype) -> str:
+    """Shape key of ``kernels/configs/varlen_attention.json``, e.g. ``"fwd d64 lq128 lk2048 bfloat16"``
+    (``keys``: keys per row, see :func:`keys_per_row`)."""
+    return f"{kernel} d{head_dim} lq{lq_bucket(seqlen_q)} lk{lk_bucket(keys)} {str(dtype).removeprefix('torch.')}"
 
 
 def default_config(kernel: str, head_dim: int, seqlen_q: int, device_type: str, elem_bytes: int = 2) -> dict:
@@ -305,6 +390,13 @@ def default_config(kernel: str, head_dim: int, seqlen_q: int, device_type: str, 
     if kernel == "fwd":
         return {"BLOCK_M": bucket, "BLOCK_N": 64, "num_warps": 8 if bucket >= 128 else 4,
                 "num_stages": 3 if small else 2}
+    if kernel == "bwd_fused":  # BLOCK_M holds every query of the row (fused_bwd_applies)
+        # H200, B=512 Lq=128 bf16 (tune_varlen_attention): 128-key tiles 1.57 ms vs 2.42 ms with 64 at
+        # head_dim 64; at 128 the fp32 dq tile takes the registers and 32-key tiles win (3.54 ms).
+        # fp32 (head_dim <= 64 only) keeps 64 keys, 2 stages: its q and dO tiles take 64 KiB of shared memory.
+        block_n = 128 if small and elem_bytes <= 2 else 64 if small else 32
+        return {"BLOCK_M": bucket, "BLOCK_N": block_n, "num_warps": 8 if bucket >= 64 else 4,
+                "num_stages": 3 if elem_bytes <= 2 else 2}
     if kernel == "bwd_dq":
         return {"BLOCK_M": bucket, "BLOCK_N": 64 if small else 32, "num_warps": 8 if bucket >= 64 else 4,
                 "num_stages": 2}
@@ -323,13 +415,14 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
-def get_config(kernel: str, head_dim: int, seqlen_q: int, dtype: torch.dtype, device: torch.device) -> dict:
-    """The tuned config for this GPU and shape if there is one, else :func:`default_config`."""
+def get_config(kernel: str, head_dim: int, seqlen_q: int, keys: int, dtype: torch.dtype, device: torch.device) -> dict:
+    """The tuned config for this GPU and shape (``keys``: keys per row) if there is one, else
+    :func:`default_config`."""
     if device.type == "cuda":
         tuned = load_configs("varlen_attention").get(_device_name(device), {})
         # fp16 and bf16 tiles are the same size: either's tuned config serves the other.
         for dt in (dtype, *(d for d in (torch.bfloat16, torch.float16) if dtype in (torch.bfloat16, torch.float16))):
-            cfg = tuned.get(config_key(kernel, head_dim, seqlen_q, dt))
+            cfg = tuned.get(config_key(kernel, head_dim, seqlen_q, keys, dt))
             if cfg is not None:
                 return cfg
     return default_config(kernel, head_dim, seqlen_q, device.type, dtype.itemsize)
@@ -360,7 +453,7 @@ def varlen_attention_fwd(q, k, v, seq_starts, seq_ends, out, lse, softmax_scale:
     batch, num_heads, seqlen_q, head_dim = out.shape
     if batch == 0 or seqlen_q == 0:
         return
-    cfg = config or get_config("fwd", head_dim, seqlen_q, q.dtype, q.device)
+    cfg = config or get_config("fwd", head_dim, seqlen_q, keys_per_row(k, batch), q.dtype, q.device)
     num_m_blocks = triton.cdiv(seqlen_q, cfg["BLOCK_M"])
     grid = (batch * num_heads * num_m_blocks,)
     _varlen_attn_fwd_kernel[grid](
@@ -383,21 +476,55 @@ def dq_row_blocks(batch: int, num_heads: int, num_m_blocks: int, shared: bool, d
     return max(1, min(batch, want))
 
 
+def fused_bwd_applies(shared: bool, num_heads: int, num_kv_heads: int, seqlen_q: int, head_dim: int,
+                      elem_bytes: int) -> bool:
+    """Whether the one-pass backward (``_varlen_attn_bwd_fused_kernel``) handles this shape: per-row
+    queries, no GQA (one program owns each key's dk/dv), Lq <= 128 (all of a row's queries in one
+    tile). fp32 at head_dim 128 stays on the two-kernel path: its q and dO tiles alone take 128 KiB
+    of shared memory."""
+    return (not shared and num_heads == num_kv_heads and seqlen_q <= 128
+            and (elem_bytes <= 2 or head_dim <= 64))
+
+
 def varlen_attention_bwd(dout, q, k, v, out, lse, dlse, seq_starts, seq_ends, dq, dk, dv, delta,
-                         softmax_scale: float, configs: dict | None = None):
+                         softmax_scale: float, configs: dict | None = None, fused: bool | None = None):
     """Backward into ``dq`` (q's shape; for shared queries an fp32 ``[C, Hq, Lq, D]`` of per-row-block
     partials, C from :func:`dq_row_blocks`, summed by the caller), ``dk, dv`` (k's shape and strides)
     and the scratch ``delta: [B, Hq, Lq]`` fp32 (layout of ``lse``). ``dlse`` (layout of ``lse``) or None.
 
-    Keys outside every row are not written: callers zero ``dk``/``dv`` when such keys exist.
+    ``fused``: the one-pass kernel (where :func:`fused_bwd_applies`; the default there) or the two
+    kernels (dq, then dk/dv). Keys outside every row are not written: callers zero ``dk``/``dv`` when
+    such keys exist.
     """
     batch, num_heads, seqlen_q, head_dim = dout.shape
     if batch == 0 or seqlen_q == 0:
         return
     shared = q.dim() == 3
     configs = configs or {}
-    cfg_dq = configs.get("bwd_dq") or get_config("bwd_dq", head_dim, seqlen_q, q.dtype, q.device)
-    cfg_kv = configs.get("bwd_dkdv") or get_config("bwd_dkdv", head_dim, seqlen_q, q.dtype, q.device)
+    keys = keys_per_row(k, batch)
+    applies = fused_bwd_applies(shared, num_heads, k.shape[-2], seqlen_q, head_dim, q.element_size())
+    if fused and not applies:
+        raise ValueError(f"fused=True needs per-row queries, num_heads == num_kv_heads, seqlen_q <= 128 and 16-bit "
+                         f"or head_dim <= 64; got shared={shared}, heads {num_heads}/{k.shape[-2]}, "
+                         f"seqlen_q={seqlen_q}, head_dim={head_dim}, {q.dtype}")
+    if applies and fused is not False:
+        cfg = configs.get("bwd_fused") or get_config("bwd_fused", head_dim, seqlen_q, keys, q.dtype, q.device)
+        _varlen_attn_bwd_fused_kernel[(batch * num_heads,)](
+            q, k, v, out, dout, lse, dlse if dlse is not None else lse, dq, dk, dv, seq_starts, seq_ends,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(-3), k.stride(-2), v.stride(-3), v.stride(-2),
+            out.stride(0), out.stride(1), out.stride(2),
+            dout.stride(0), dout.stride(1), dout.stride(2),
+            lse.stride(0), lse.stride(1),
+            dq.stride(0), dq.stride(1), dq.stride(2),
+            dk.stride(-3), dk.stride(-2), dv.stride(-3), dv.stride(-2),
+            num_heads, seqlen_q, softmax_scale, softmax_scale * LOG2E,
+            HAS_DLSE=dlse is not None, HEAD_DIM=head_dim, BLOCK_M=lq_bucket(seqlen_q), BLOCK_N=cfg["BLOCK_N"],
+            **_launch_opts(cfg),
+        )
+        return
+    cfg_dq = configs.get("bwd_dq") or get_config("bwd_dq", head_dim, seqlen_q, keys, q.dtype, q.device)
+    cfg_kv = configs.get("bwd_dkdv") or get_config("bwd_dkdv", head_dim, seqlen_q, keys, q.dtype, q.device)
     num_kv_heads = k.shape[-2]
     group = num_heads // num_kv_heads
     qk_scale = softmax_scale * LOG2E

@@ -172,14 +172,16 @@ def test_triton_without_lse_or_output_gradient(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("shared", [False, True])
-def test_kernels_write_every_output(device, shared):
-    """Launchers on NaN-poisoned outputs: every element of out/lse/dq/dk/dv/delta gets written."""
+@pytest.mark.parametrize("shared,kv_heads,fused", [(False, 1, False), (True, 1, False), (False, 2, False),
+                                                   (False, 2, True)], ids=["rows-gqa", "shared", "rows", "rows-fused"])
+def test_kernels_write_every_output(device, shared, kv_heads, fused):
+    """Launchers on NaN-poisoned outputs: every element of out/lse/dq/dk/dv (and delta, which only the
+    two-kernel backward writes) gets written, by the two-kernel and the one-pass backward."""
     skip_unless_runs("triton", device)
     from onerec_fast.kernels import varlen_attention as kern
 
     lengths = [5, 0, 33, 1]
-    (q, k, v), cu = _make(lengths, 2, 1, 7, 32, shared, torch.float32, device)
+    (q, k, v), cu = _make(lengths, 2, kv_heads, 7, 32, shared, torch.float32, device)
     q, k, v = q.detach(), k.detach(), v.detach()
     batch, heads, seqlen_q, head_dim = len(lengths), 2, 7, 32
     out = poison_(torch.empty(batch, heads, seqlen_q, head_dim, device=device))
@@ -193,10 +195,27 @@ def test_kernels_write_every_output(device, shared):
     blocks = kern.dq_row_blocks(batch, heads, 1, shared, q.device)
     dq = poison_(torch.empty(blocks, heads, seqlen_q, head_dim, device=device) if shared else torch.empty_like(q))
     dk, dv, delta = poison_(torch.empty_like(k)), poison_(torch.empty_like(v)), poison_(torch.empty_like(lse))
-    kern.varlen_attention_bwd(dout, q, k, v, out, lse, None, cu[:-1], cu[1:], dq, dk, dv, delta, 0.2)
-    for name, t in (("dq", dq), ("dk", dk), ("dv", dv), ("delta", delta)):
+    kern.varlen_attention_bwd(dout, q, k, v, out, lse, None, cu[:-1], cu[1:], dq, dk, dv, delta, 0.2, fused=fused)
+    for name, t in (("dq", dq), ("dk", dk), ("dv", dv)):
         assert torch.isfinite(t).all(), f"{name} has unwritten (NaN) elements"
-    assert_close("delta", delta, (dout.double() * out.double()).sum(-1), torch.float32, device)
+    if fused:
+        assert torch.isnan(delta).all(), "the one-pass backward keeps delta in registers"
+    else:
+        assert_close("delta", delta, (dout.double() * out.double()).sum(-1), torch.float32, device)
+    ref_in = _f64(q, k, v)
+    r_out, _ = varlen_cross_attention_ref(*ref_in, cu.cpu(), 0.2)
+    want = torch.autograd.grad(r_out, ref_in, dout.cpu().double())
+    for name, got, ref in zip(("dq", "dk", "dv"), (dq.sum(0) if shared else dq, dk, dv), want):
+        assert_close(name, got, ref, torch.float32, device)
+
+
+def test_fused_backward_where_it_does_not_apply_raises():
+    from onerec_fast.kernels import varlen_attention as kern
+
+    (q, k, v), cu = _make([3, 4], 4, 2, 5, 32, False, torch.float32, "cpu")
+    out, lse = torch.empty(2, 4, 5, 32), torch.empty(2, 4, 5)
+    with pytest.raises(ValueError, match="fused=True needs per-row queries, num_heads == num_kv_heads"):
+        kern.varlen_attention_bwd(out, q, k, v, out, lse, None, cu[:-1], cu[1:], q, k, v, lse, 0.2, fused=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -206,10 +225,11 @@ def test_kernels_write_every_output(device, shared):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("with_lengths,layout", [(False, "blhd"), (True, "blhd"), (True, "bhld")])
-def test_padded_matches_reference(device, with_lengths, layout):
+@pytest.mark.parametrize("kv_heads", [2, 4], ids=["gqa", "mha"])  # two-kernel / one-pass backward
+def test_padded_matches_reference(device, with_lengths, layout, kv_heads):
     """Padded keys read in place: ``[B, L, Hkv, D]``, or a ``[B, Hkv, L, D]`` cache transposed."""
     skip_unless_runs("triton", device)
-    batch, length, heads, kv_heads, seqlen_q, head_dim = 3, 37, 4, 2, 5, 32
+    batch, length, heads, seqlen_q, head_dim = 3, 37, 4, 5, 32
     g = torch.Generator().manual_seed(0)
     q = torch.randn(batch, heads, seqlen_q, head_dim, generator=g)
     k = torch.randn(batch, length, kv_heads, head_dim, generator=g)
@@ -399,8 +419,8 @@ from onerec_fast.kernels import varlen_attention as kern
 
 FP32_PTRS = {"Lse", "dLse", "Delta"}
 kernels = {"fwd": kern._varlen_attn_fwd_kernel, "bwd_dq": kern._varlen_attn_bwd_dq_kernel,
-           "bwd_dkdv": kern._varlen_attn_bwd_dkdv_kernel}
-extra = {"bwd_dq": {"HAS_DLSE": True, "SHARED_Q": sys.argv[2] == "shared"}}
+           "bwd_dkdv": kern._varlen_attn_bwd_dkdv_kernel, "bwd_fused": kern._varlen_attn_bwd_fused_kernel}
+extra = {"bwd_dq": {"HAS_DLSE": True, "SHARED_Q": sys.argv[2] == "shared"}, "bwd_fused": {"HAS_DLSE": True}}
 report = {}
 for name, fn in kernels.items():
     cfg = kern.default_config(name, int(sys.argv[1]), 128, "cuda")
@@ -444,7 +464,10 @@ def test_kernels_compile_for_sm90a(tmp_path, head_dim, queries):
                          env=env, cwd=tmp_path, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads(run.stdout.strip().splitlines()[-1])
+    # The one-pass backward's measured-fastest tiles spill a little (264 bytes at head_dim 64, 8 at 128):
+    # on the H200 they still beat 64-key tiles, 1.57 ms against 2.42 ms (tune_varlen_attention, B=512, d64).
+    allowed = {"bwd_fused": 512}
     for name, r in report.items():
-        assert r["spill"] == 0, f"{name}: ptxas spills {r['spill']} bytes"
+        assert r["spill"] <= allowed.get(name, 0), f"{name}: ptxas spills {r['spill']} bytes"
         assert r["wgmma"] > 0, f"{name}: no wgmma (Hopper tensor-core) instructions"
         assert r["shared"] <= 227 * 1024, f"{name}: {r['shared']} bytes of shared memory"
