@@ -79,7 +79,7 @@ def tune_shape(d, f, E, k, T, kernels, quick, dev="cuda", dt=torch.bfloat16):
     M = T * k
     h, a1, a3 = (torch.empty(M, f, device=dev, dtype=dt) for _ in range(3))
     g.moe_gemm1_fwd(x, w1, w3, idx, offs, k, h, a1, a3)
-    da1, da3, _ = g.moe_dh_bwd(dy, w2, gate, idx, offs, a1, a3, k)
+    da1, da3, hg, _ = g.moe_dh_bwd(dy, w2, gate, idx, offs, a1, a3, k)
     out_pairs = torch.empty(M, d, device=dev, dtype=dt)
     dw13 = (torch.empty_like(w1), torch.empty_like(w3))
     dw2 = torch.empty_like(w2)
@@ -89,7 +89,7 @@ def tune_shape(d, f, E, k, T, kernels, quick, dev="cuda", dt=torch.bfloat16):
         "dh": lambda c: g.moe_dh_bwd(dy, w2, gate, idx, offs, a1, a3, k, cfg=c),
         "dx": lambda c: g.moe_scatter_gemm(da1, w1, idx, offs, out_pairs, b_transposed=True, a2=da3, b2=w3, cfg=c),
         "dw13": lambda c: g.moe_dw13_bwd(x, da1, da3, idx, offs, k, *dw13, cfg=c),
-        "dw2": lambda c: g.moe_dw2_bwd(dy, a1, a3, gate, idx, offs, k, dw2, cfg=c),
+        "dw2": lambda c: g.moe_dw2_bwd(dy, hg, idx, offs, k, dw2, cfg=c),
     }
     # where the time goes besides the grouped GEMMs (untuned, for the record)
     summary = [("router GEMM", _time_us(lambda: router_logits_fwd(x, rw), dev), None)]

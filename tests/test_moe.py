@@ -426,9 +426,9 @@ def _compile_default_kernels() -> dict[str, str]:
         meta, w, st = tile(kernel)
         return run(label, fn, dict(consts, EVEN=True, E_PAD=32, **meta), (w, st))
 
-    def wgrad(kernel, swiglu):
+    def wgrad(kernel, dw2):
         meta, w, st = tile(kernel, group=False)
-        return run(kernel, g._moe_wgrad_kernel, dict(TOP_K=2, SWIGLU_LHS=swiglu, EVEN=True, **meta), (w, st))
+        return run(kernel, g._moe_wgrad_kernel, dict(TOP_K=2, DW2=dw2, EVEN=True, **meta), (w, st))
 
     return dict([
         gemm("gemm1", g._moe_gemm1_fwd_kernel, "gemm1", TOP_K=2, STORE_ACT=True),
