@@ -141,11 +141,12 @@ def _kernel_bwd(saved, top_k, sigmoid, norm_topk, g_out, g_weights, g_prob_sum, 
                                            sorted_pair_idx, expert_offsets, a1, a3, top_k)
     g_w = dgate.view(T, top_k) if g_weights is None else dgate.view(T, top_k) + g_weights
     g_logits = moe_route_bwd(logits, topk_ids, topk_weights, sigmoid, norm_topk, g_w, g_prob_sum, g_lse)
-    # The router GEMMs' backward in the activation dtype (fp32 accumulation), as nn.Linear's would run:
-    # in fp32 it took ~180 us at T=16384 d=1024 on the H200, mostly an fp32 copy of x and a SIMT sgemm.
+    # The router GEMMs' backward in the activation dtype (router_weight has x's, checked on entry; fp32
+    # accumulation), as nn.Linear's would run: in fp32 it took ~180 us at T=16384 d=1024 on the H200,
+    # mostly an fp32 copy of x and a SIMT sgemm.
     g = g_logits.to(x.dtype)
-    dx = torch.addmm(dx, g, router_weight.to(x.dtype))
-    d_router = (g.t() @ x).to(router_weight.dtype)
+    dx = torch.addmm(dx, g, router_weight)
+    d_router = g.t() @ x
     return dx, d_router, dw1, dw3, dw2
 
 
