@@ -55,3 +55,10 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     terminalreporter.write_line(format_table(rows, peak))
     j, c = write_results(rows, env, config.getoption("--bench-dir"))
     terminalreporter.write_line(f"results: {j} {c}")
+
+
+@pytest.fixture(autouse=True)
+def _private_cache_dir(tmp_path_factory, monkeypatch):
+    """Cached baseline results (``onerec_fast.train.evaluate.baseline_cache_dir``) go to a per-session temporary
+    folder, never the user's ``~/.cache``."""
+    monkeypatch.setenv("ONEREC_FAST_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))

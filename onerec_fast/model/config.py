@@ -80,6 +80,7 @@ class OneRecConfig:
     item_cat_features: dict[str, int] = field(default_factory=lambda: dict(_DEFAULT_ITEM_CAT))
     item_num_features: tuple[str, ...] = _DEFAULT_ITEM_NUM
     norm_eps: float = 1e-6
+    dropout: float = 0.0  # on the input tokens, attention weights and residual branches (training only)
     backend: str = "auto"  # passed to MoELayer and QFormer ("reference" = plain PyTorch everywhere)
 
     def __post_init__(self) -> None:
@@ -97,6 +98,8 @@ class OneRecConfig:
         for name in ("short_len", "pos_len", "lifelong_len", "num_queries", "qformer_blocks", "enc_layers", "dec_layers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         self.item_num_features = tuple(self.item_num_features)
 
     @property

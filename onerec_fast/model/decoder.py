@@ -32,11 +32,12 @@ class DecoderLayer(nn.Module):
         super().__init__()
         d = cfg.d_model
         self.norm1 = nn.RMSNorm(d, eps=cfg.norm_eps)
-        self.self_attn = Attention(d, cfg.n_heads)
+        self.self_attn = Attention(d, cfg.n_heads, cfg.dropout)
         self.norm2 = nn.RMSNorm(d, eps=cfg.norm_eps)
-        self.cross_attn = Attention(d, cfg.n_heads)
+        self.cross_attn = Attention(d, cfg.n_heads, cfg.dropout)
         self.norm3 = nn.RMSNorm(d, eps=cfg.norm_eps)
         self.ffn = make_ffn(cfg, "dec")
+        self.drop = nn.Dropout(cfg.dropout)  # residual branches, training only
 
 
 @dataclass
@@ -81,9 +82,9 @@ class OneRecDecoder(nn.Module):
         key_mask = enc.mask[:, None, None, :]
         for layer in self.layers:
             h = layer.norm1(x)
-            x = x + layer.self_attn(h, h, causal=True)
-            x = x + layer.cross_attn(layer.norm2(x), enc.states, key_mask)
-            x = x + layer.ffn(layer.norm3(x))
+            x = x + layer.drop(layer.self_attn(h, h, causal=True))
+            x = x + layer.drop(layer.cross_attn(layer.norm2(x), enc.states, key_mask))
+            x = x + layer.drop(layer.ffn(layer.norm3(x)))
         h = self.norm(x)
         return [head(h[:, t]) for t, head in enumerate(self.heads)]
 

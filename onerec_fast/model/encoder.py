@@ -147,14 +147,15 @@ class EncoderLayer(nn.Module):
     def __init__(self, cfg: OneRecConfig):
         super().__init__()
         self.norm1 = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.attn = Attention(cfg.d_model, cfg.n_heads)
+        self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.dropout)
         self.norm2 = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.ffn = make_ffn(cfg, "enc")
+        self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
         h = self.norm1(x)
-        x = x + self.attn(h, h, key_mask)
-        return x + self.ffn(self.norm2(x))
+        x = x + self.drop(self.attn(h, h, key_mask))
+        return x + self.drop(self.ffn(self.norm2(x)))
 
 
 class OneRecEncoder(nn.Module):
@@ -179,6 +180,7 @@ class OneRecEncoder(nn.Module):
         self.pos_emb = nn.Parameter(torch.randn(cfg.enc_len, d) * 0.02)
         self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.enc_layers))
         self.norm = nn.RMSNorm(d, eps=cfg.norm_eps)
+        self.drop = nn.Dropout(cfg.dropout)
 
     # -- pathways ---------------------------------------------------------------------------------------
     def static_token(self, static: dict[str, torch.Tensor], batch_size: int, device) -> torch.Tensor:
@@ -217,7 +219,7 @@ class OneRecEncoder(nn.Module):
         sh, sh_mask = self.item_tokens(short, self.short_mlp, cfg.short_len)
         po, po_mask = self.item_tokens(positive, self.pos_mlp, cfg.pos_len)
         ll = self.lifelong_tokens(lifelong)
-        x = torch.cat([s_tok, sh, po, ll.to(s_tok.dtype)], dim=1) + self.pos_emb
+        x = self.drop(torch.cat([s_tok, sh, po, ll.to(s_tok.dtype)], dim=1) + self.pos_emb)
         ones = torch.ones(B, 1, dtype=torch.bool, device=device)
         mask = torch.cat([ones, sh_mask, po_mask, ones.expand(B, cfg.num_queries)], dim=1)
         key_mask = mask[:, None, None, :]  # [B, 1, 1, S]: padding never serves as a key

@@ -27,15 +27,16 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
 
 
 class Attention(nn.Module):
-    """Multi-head attention without biases; self- or cross-attention depending on what ``kv`` sees.
+    """Multi-head attention without biases; self- or cross-attention depending on what ``kv`` sees;
+    ``dropout`` on the attention weights in training mode.
 
     ``project_kv(src: [..., S, d]) -> (k, v): [..., H, S, Dh]`` lets callers compute keys/values once
     (the encoder states for every decoding step and every beam; the self-attention KV cache).
     """
 
-    def __init__(self, d_model: int, n_heads: int):
+    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0):
         super().__init__()
-        self.n_heads = n_heads
+        self.n_heads, self.dropout = n_heads, dropout
         self.q = nn.Linear(d_model, d_model, bias=False)
         self.kv = nn.Linear(d_model, 2 * d_model, bias=False)
         self.o = nn.Linear(d_model, d_model, bias=False)
@@ -49,7 +50,8 @@ class Attention(nn.Module):
         """``x: [..., Lq, d]`` queries against ``k, v: [..., H, S, Dh]``; ``mask``: bool broadcastable to
         ``[..., H, Lq, S]`` (True = may attend). Returns ``[..., Lq, d]``."""
         q = split_heads(self.q(x), self.n_heads)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                             dropout_p=self.dropout if self.training else 0.0)
         return self.o(merge_heads(out))
 
     def forward(self, x: torch.Tensor, src: torch.Tensor, mask: torch.Tensor | None = None,

@@ -38,17 +38,24 @@ _COLLISIONS = ("extra_level", "none")
 _FORMAT = "onerec_fast.RQKMeans/1"
 
 
-def disambiguate(codes: torch.Tensor) -> torch.Tensor:
+def disambiguate(codes: torch.Tensor, rank: torch.Tensor | None = None) -> torch.Tensor:
     """Append a column numbering items with equal codes: ``codes: int64 [N, L]`` -> unique ``[N, L + 1]``.
 
-    Within a group of equal rows the extra code follows item (row) order: 0 for the first, 1 for the next...
+    Within a group of equal rows the extra code follows ``rank: [N]`` (ascending; e.g. minus the training
+    popularity, so code 0 is the group's most popular item in every group and the last code level means the
+    same thing across groups), ties and ``rank=None`` in row order: 0 for the first, 1 for the next...
     """
     n = codes.shape[0]
     if n == 0:
         return codes.new_zeros(0, codes.shape[1] + 1)
     _, inv = torch.unique(codes, dim=0, return_inverse=True)
-    # Stable sort by group keeps row order inside each group; rank = position - group start.
-    order = torch.sort(inv, stable=True).indices
+    # Stable sort by (group, rank) keeps row order among ties; rank inside the group = position - group start.
+    order = torch.arange(n, device=codes.device)
+    if rank is not None:
+        if rank.shape != (n,):
+            raise ValueError(f"rank must have one value per item [{n}], got {tuple(rank.shape)}")
+        order = torch.sort(rank.to(codes.device), stable=True).indices
+    order = order[torch.sort(inv[order], stable=True).indices]
     g = inv[order]
     start = torch.ones_like(g, dtype=torch.bool)
     start[1:] = g[1:] != g[:-1]
@@ -107,8 +114,9 @@ class RQKMeans:
             sizes.append(int(self.item_codes[:, -1].max()) + 1 if len(self.item_codes) else 1)
         return sizes
 
-    def fit(self, emb: torch.Tensor) -> "RQKMeans":
-        """Fit on item embeddings ``emb: float [N, D]`` (row i = item i); sets ``codebooks`` and ``item_codes``."""
+    def fit(self, emb: torch.Tensor, rank: torch.Tensor | None = None) -> "RQKMeans":
+        """Fit on item embeddings ``emb: float [N, D]`` (row i = item i); sets ``codebooks`` and ``item_codes``.
+        ``rank: [N]`` orders the items of a collision group on the extra level (see :func:`disambiguate`)."""
         x = self._check_emb(emb)
         n = x.shape[0]
         if n < 1:
@@ -126,7 +134,7 @@ class RQKMeans:
             cols.append(res.assign)
             r = r - res.centroids[res.assign]
         codes = torch.stack(cols, 1).cpu()
-        self.item_codes = disambiguate(codes) if self.collisions == "extra_level" else codes
+        self.item_codes = disambiguate(codes, rank) if self.collisions == "extra_level" else codes
         self._stats = self._compute_stats(x.cpu().float(), codes)
         if self.verbose:
             print(self.format_stats())

@@ -6,8 +6,10 @@ rows (all rows of users with fewer than 3). At test time a model reads the whole
 item (validation item included), as OneRec's test samples do.
 
 * :func:`popularity_topk`: the items with most training interactions, the same list for everyone.
-* :class:`SASRec` (Kang & McAuley 2018, with a full-softmax loss instead of one sampled negative): item +
-  learned position embeddings, causal pre-norm transformer blocks, scores = last state . item embeddings.
+* :class:`SASRec` (Kang & McAuley 2018, with a full-softmax loss instead of one sampled negative, which makes
+  it much stronger than the published SASRec numbers): item + learned position embeddings, causal pre-norm
+  transformer blocks, scores = last state . item embeddings; trained with early stopping on the validation
+  targets (the split OneRec selects its checkpoint on).
 """
 
 from __future__ import annotations
@@ -51,7 +53,8 @@ class SASRecConfig:
     max_len: int = 50
     dropout: float = 0.2
     lr: float = 1e-3
-    epochs: int = 100
+    epochs: int = 200  # at most; early stopping on the validation split usually ends it well before
+    patience: int = 10  # epochs without a better validation NDCG@10
     batch_size: int = 128
     seed: int = 0
 
@@ -89,20 +92,22 @@ class SASRec(nn.Module):
         return states @ self.item_emb.weight[1:].t()
 
 
-def _windows(log, rows: np.ndarray, max_len: int, test: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Left-padded token windows ``[N, max_len]`` and targets: for training, consecutive windows of
+def _windows(log, rows: np.ndarray, max_len: int, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Left-padded token windows ``[N, max_len]`` and targets: for ``"train"``, consecutive windows of
     ``max_len + 1`` items of each user's training rows (input = first max_len, target = shifted by one);
-    for testing, the ``max_len`` items before each test target."""
+    for ``"valid"`` / ``"test"``, the ``max_len`` items before each user's validation / test target (users
+    with >= 3 interactions, in user order)."""
     offsets = log.user_offsets()
     seqs, tgts = [], []
     for u in range(log.num_users):
         a, b = offsets[u], offsets[u + 1]
-        if test:
+        if split != "train":
             if b - a < 3:
                 continue
-            hist = log.item[a:b - 1][-max_len:] + 1
+            end = b - 1 if split == "test" else b - 2
+            hist = log.item[a:end][-max_len:] + 1
             seqs.append(np.pad(hist, (max_len - len(hist), 0)))
-            tgts.append(np.array([log.item[b - 1]]))
+            tgts.append(np.array([log.item[end]]))
             continue
         items = log.item[a:b][rows[a:b]] + 1
         for end in range(len(items), 1, -max_len):
@@ -111,42 +116,62 @@ def _windows(log, rows: np.ndarray, max_len: int, test: bool) -> tuple[np.ndarra
             pad = max_len - len(inp)
             seqs.append(np.pad(inp, (pad, 0)))
             tgts.append(np.pad(out, (pad, 0), constant_values=-100))
+    if not seqs:
+        raise ValueError(f"no {split} sequences: every user has fewer than 3 interactions")
     return np.stack(seqs).astype(np.int64), np.stack(tgts).astype(np.int64)
 
 
 def train_sasrec(log, cfg: SASRecConfig | None = None, device="cpu", show_progress: bool = True) -> SASRec:
-    """Train a :class:`SASRec` on the training rows of ``log`` (full-softmax next-item loss)."""
+    """Train a :class:`SASRec` on the training rows of ``log`` (full-softmax next-item loss), with early
+    stopping on the validation targets (the same split OneRec selects on): NDCG@10 over all items after every
+    epoch; after ``cfg.patience`` epochs without a better one (or ``cfg.epochs``) the best epoch's weights are
+    kept. ``model.selection`` records the best epoch and its validation metrics."""
+    from onerec_fast.train.evaluate import rank_metrics
+
     cfg = cfg or SASRecConfig()
     g = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    seqs, tgts = (torch.from_numpy(a) for a in _windows(log, train_rows(log), cfg.max_len, test=False))
+    seqs, tgts = (torch.from_numpy(a).to(device) for a in _windows(log, train_rows(log), cfg.max_len, "train"))
     model = SASRec(log.num_items, cfg).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.98))
     n = seqs.shape[0]
-    steps = cfg.epochs * math.ceil(n / cfg.batch_size)
-    bar = ProgressBar(steps, "SASRec") if show_progress else None
-    model.train()
-    for _ in range(cfg.epochs):
-        perm = torch.randperm(n, generator=g)
+    bar = ProgressBar(cfg.epochs, "SASRec epochs") if show_progress else None
+    best, best_state, since = None, None, 0
+    for epoch in range(cfg.epochs):
+        model.train()
+        perm = torch.randperm(n, generator=g).to(device)
         for i in range(0, n, cfg.batch_size):
             idx = perm[i:i + cfg.batch_size]
-            s, t = seqs[idx].to(device), tgts[idx].to(device)
+            s, t = seqs[idx], tgts[idx]
             keep = t != -100  # score only positions with a target (left padding has none)
             loss = F.cross_entropy(model.scores(model(s)[keep]), t[keep])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            if bar is not None:
-                bar.update(1, loss=loss.item())
+        top, target = sasrec_topk(model, log, 10, device=device, split="valid")
+        res = rank_metrics(top, target, (10,))
+        if best is None or res["ndcg@10"] > best["ndcg@10"]:
+            best, since = {"epoch": epoch + 1, **res}, 0
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            since += 1
+        if bar is not None:
+            bar.update(1, loss=loss.item(), **{"valid ndcg@10": res["ndcg@10"], "best epoch": best["epoch"]})
+        if since >= cfg.patience:
+            break
     if bar is not None:
         bar.close()
+    model.load_state_dict(best_state)
+    model.selection = best
     return model.eval()
 
 
 @torch.no_grad()
-def sasrec_topk(model: SASRec, log, k: int, device="cpu", batch_size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
-    """(top-``k`` items ``[U', k]``, test targets ``[U']``) for the users with a test item, in user order."""
-    seqs, tgts = (torch.from_numpy(a) for a in _windows(log, train_rows(log), model.cfg.max_len, test=True))
+def sasrec_topk(model: SASRec, log, k: int, device="cpu", batch_size: int = 512,
+                split: str = "test") -> tuple[torch.Tensor, torch.Tensor]:
+    """(top-``k`` items ``[U', k]``, targets ``[U']``) of the ``"test"`` (or ``"valid"``) split, for the users
+    with >= 3 interactions, in user order."""
+    seqs, tgts = (torch.from_numpy(a) for a in _windows(log, train_rows(log), model.cfg.max_len, split))
     model.eval()
     out = []
     for i in range(0, seqs.shape[0], batch_size):

@@ -42,11 +42,13 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     import torch
 
+    from onerec_fast.data.sources import load_source
     from onerec_fast.model.config import OneRecConfig
     from onerec_fast.train.baselines import SASRecConfig
+    from onerec_fast.train.checkpoint import load_checkpoint
     from onerec_fast.train.cli_common import resolve_device
     from onerec_fast.train.cli_generate import show_recommendations
-    from onerec_fast.train.cli_train import build_trainer
+    from onerec_fast.train.cli_train import apply_recipe, build_trainer
     from onerec_fast.train.evaluate import evaluate_all, format_table
     from onerec_fast.train.pipeline import prepare
 
@@ -55,25 +57,32 @@ def run(args) -> int:
     size = "small" if args.small else args.size or ("gpu" if device.type == "cuda" else "cpu")
     world_cfg, steps, batch, beam, sas_epochs = _SIZES[size]
     steps = args.steps or steps
-    preset = OneRecConfig.preset("tiny")
 
     def banner(i: int, text: str) -> None:
         print(f"\n[{i}/5] {text}  ({time.perf_counter() - t0:.0f}s)", flush=True)
 
     banner(1, f"synthetic world ({size} size) + 2. item embeddings and RQ-KMeans semantic IDs")
-    prepared = prepare("synthetic", seed=args.seed, short_len=preset.short_len, positive_len=preset.pos_len,
-                       lifelong_len=preset.lifelong_len, synthetic=world_cfg, splits=("train", "test"))
-    banner(3, f"pretraining the tiny OneRec for {steps} steps of {batch} users on {device}")
-    targs = argparse.Namespace(data="synthetic", seed=args.seed, preset="tiny", steps=steps, batch_size=batch,
-                               lr=3e-3, warmup=max(1, steps // 20), weight_decay=0.01, grad_clip=1.0,
+    loaded = load_source("synthetic", seed=args.seed, synthetic_overrides=world_cfg)
+    targs = argparse.Namespace(data="synthetic", recipe="auto", seed=args.seed, preset=None, pos_len=None,
+                               lifelong_len=None, dropout=None, steps=steps, batch_size=batch, lr=None, warmup=None,
+                               weight_decay=None, grad_clip=1.0, eval_every=None, patience=None, eval_users=None,
                                ckpt_every=0, log_every=max(1, steps // 50),
                                num_workers=0 if device.type == "cpu" else 4, backend="auto",
                                no_amp=False, device=str(device), out=args.out)
-    trainer = build_trainer(targs, prepared, synthetic=world_cfg)
+    recipe = apply_recipe(targs, len(loaded[0]))
+    preset = OneRecConfig.preset(targs.preset)
+    prepared = prepare("synthetic", seed=args.seed, short_len=preset.short_len, positive_len=targs.pos_len,
+                       lifelong_len=targs.lifelong_len, synthetic=world_cfg, splits=("train", "valid", "test"),
+                       loaded=loaded)
+    banner(3, f"pretraining OneRec (recipe {recipe.name}) for {steps} steps of {batch} users on {device}")
+    trainer = build_trainer(targs, prepared, recipe, synthetic=world_cfg)
     m = trainer.model
     print(f"model: {m.num_parameters() / 1e6:.2f}M dense parameters ({m.num_parameters(True) / 1e6:.2f}M with ID "
           f"tables); {len(prepared.datasets['train'])} training samples", flush=True)
     trainer.train()
+    if trainer.best_path is not None and trainer.best_path.exists():
+        m.load_state_dict(load_checkpoint(trainer.best_path)["model"])
+        print(f"evaluating {trainer.best_path} (best validation NDCG@10, step {trainer.selection['best_step']})")
     banner(4, f"constrained generation (beam {beam}) and leave-one-out metrics vs baselines")
     results = evaluate_all(m, prepared.datasets["test"], prepared.log, beam_size=beam, batch_size=64, device=device,
                            sasrec_cfg=SASRecConfig(epochs=sas_epochs))

@@ -19,18 +19,31 @@ from onerec_fast.train.cli_common import add_data_arguments
 
 def add_arguments(parser) -> None:
     add_data_arguments(parser)
-    parser.add_argument("--preset", default="tiny", help="model size: tiny, 0.015b, 0.121b, 0.935b, 2.6b")
-    parser.add_argument("--pos-len", type=int, default=None, help="positive-feedback items per user (default: preset)")
+    parser.add_argument("--recipe", default="auto",
+                        help="defaults chosen from the data: auto (from the number of interactions), small or tr; "
+                             "see onerec_fast/train/recipe.py. Flags given below override the recipe")
+    parser.add_argument("--preset", default=None, help="model size: tiny, 0.015b, 0.121b, 0.935b, 2.6b (default: recipe)")
+    parser.add_argument("--pos-len", type=int, default=None, help="positive-feedback items per user (default: recipe)")
     parser.add_argument("--lifelong-len", type=int, default=None,
-                        help="lifelong items per user before hierarchical compression (default: preset)")
-    parser.add_argument("--steps", type=int, default=1000, help="optimizer steps in the whole run")
-    parser.add_argument("--batch-size", type=int, default=64, help="global batch (all ranks together)")
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--warmup", type=int, default=100, help="linear warmup steps")
-    parser.add_argument("--weight-decay", type=float, default=0.01)
-    parser.add_argument("--grad-clip", type=float, default=1.0)
+                        help="lifelong items per user before hierarchical compression (default: recipe)")
+    parser.add_argument("--dropout", type=float, default=None, help="dropout of the transformer (default: recipe)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="optimizer steps in the whole run (default: the recipe's epochs over the training targets)")
+    parser.add_argument("--batch-size", type=int, default=None, help="global batch, all ranks together (default: recipe)")
+    parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default: recipe)")
+    parser.add_argument("--warmup", type=int, default=None, help="linear warmup steps (default: recipe)")
+    parser.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay (default: recipe)")
+    parser.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm to this")
+    parser.add_argument("--eval-every", type=int, default=None,
+                        help="steps between validation evaluations (Recall/NDCG@10 of constrained generation on the "
+                             "validation targets; the best writes best.pt). 0: none (default: recipe, about an epoch)")
+    parser.add_argument("--patience", type=int, default=None,
+                        help="stop after this many evaluations without a better validation NDCG@10 (0: never; "
+                             "default: recipe)")
+    parser.add_argument("--eval-users", type=int, default=None,
+                        help="validation users per evaluation, a fixed random sample (0: all; default: recipe)")
     parser.add_argument("--ckpt-every", type=int, default=200, help="checkpoint period in steps (0: only at the end)")
-    parser.add_argument("--log-every", type=int, default=10)
+    parser.add_argument("--log-every", type=int, default=10, help="steps per logged metrics row")
     parser.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
     parser.add_argument("--backend", default="auto", help="backend of the fused modules: auto, triton, cuda, reference")
     parser.add_argument("--no-amp", action="store_true", help="fp32 on CUDA (default: bf16 autocast)")
@@ -40,34 +53,75 @@ def add_arguments(parser) -> None:
     parser.add_argument("--expert-parallel", action="store_true",
                         help="under torchrun with --parallel ddp: split each MoE layer's experts over the ranks "
                              "(num_experts must be a multiple of the number of processes)")
-    parser.add_argument("--out", default="runs/train", help="folder for checkpoint.pt, metrics.jsonl/.csv, loss.png")
+    parser.add_argument("--out", default="runs/train",
+                        help="folder for checkpoint.pt, best.pt, metrics.jsonl/.csv, loss.png")
     parser.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt (or .dcp)")
 
 
-def build_trainer(args, prepared, synthetic: dict | None = None, show_progress: bool = True):
-    """A Trainer for a prepared data source, with the preset sized to its pathways and codes."""
+_RECIPE_ARGS = ("preset", "pos_len", "lifelong_len", "batch_size", "lr", "warmup", "weight_decay", "patience",
+                "eval_users")
+
+
+def apply_recipe(args, num_interactions: int):
+    """Fill every recipe-backed argument left at None from the recipe ``args.recipe`` chooses for a log of
+    ``num_interactions``; returns the recipe. Explicit arguments win."""
+    from onerec_fast.train.recipe import choose_recipe
+
+    recipe = choose_recipe(getattr(args, "recipe", "auto"), num_interactions)
+    for name in _RECIPE_ARGS:
+        if getattr(args, name, None) is None:
+            setattr(args, name, getattr(recipe, name))
+    if getattr(args, "dropout", None) is None:
+        args.dropout = recipe.model.get("dropout", 0.0)
+    return recipe
+
+
+def build_trainer(args, prepared, recipe, synthetic: dict | None = None, show_progress: bool = True):
+    """A Trainer for a prepared data source: the recipe's model over the preset, sized to the data's pathways
+    and codes, with a validation ``eval_fn`` when the run evaluates. ``args`` went through :func:`apply_recipe`."""
+    import numpy as np
     import torch
 
     from onerec_fast.model.config import OneRecConfig
     from onerec_fast.model.onerec import OneRec, features_from_dataset
     from onerec_fast.train.cli_common import resolve_device, run_meta
+    from onerec_fast.train.evaluate import evaluate_onerec
     from onerec_fast.train.pretrain import Trainer, TrainConfig
+    from onerec_fast.train.recipe import steps_for_epochs
 
     bc = prepared.batch_config
     ds = prepared.datasets["train"]
-    cfg = OneRecConfig.preset(args.preset, short_len=bc.short_len, pos_len=bc.positive_len,
-                              lifelong_len=bc.lifelong_len, backend=args.backend,
+    overrides = {k: v for k, v in recipe.model.items() if recipe.preset == args.preset}  # the recipe's own preset only
+    cfg = OneRecConfig.preset(args.preset, **{**overrides, "dropout": args.dropout}, short_len=bc.short_len,
+                              pos_len=bc.positive_len, lifelong_len=bc.lifelong_len, backend=args.backend,
                               **features_from_dataset(ds, prepared.item_codes))
     torch.manual_seed(args.seed)
     model = OneRec(cfg, prepared.item_codes)
-    tc = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup,
+    per_epoch = steps_for_epochs(1, len(ds), args.batch_size)
+    steps = args.steps or steps_for_epochs(recipe.epochs, len(ds), args.batch_size)
+    eval_every = args.eval_every
+    if eval_every is None:
+        eval_every = max(1, round(per_epoch / recipe.eval_per_epoch)) if recipe.eval_per_epoch else 0
+    device = resolve_device(args.device)
+    eval_fn = None
+    valid = prepared.datasets.get("valid")
+    if eval_every and valid is not None:
+        n = len(valid) if not args.eval_users else min(args.eval_users, len(valid))
+        idx = np.sort(np.random.default_rng(args.seed).permutation(len(valid))[:n])
+
+        def eval_fn(m):
+            return evaluate_onerec(m, valid, ks=(10,), beam_size=recipe.eval_beam, indices=idx, device=device,
+                                   batch_size=256 if device.type == "cuda" else 64, show_progress=False)
+
+    tc = TrainConfig(steps=steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup,
                      weight_decay=args.weight_decay, grad_clip=args.grad_clip, seed=args.seed,
                      amp=not args.no_amp, log_every=args.log_every, ckpt_every=args.ckpt_every,
-                     num_workers=args.num_workers,
+                     num_workers=args.num_workers, eval_every=eval_every if eval_fn else 0,
+                     patience=args.patience if eval_fn else 0,
                      # the demo's namespace has no --parallel / --expert-parallel
                      parallel=getattr(args, "parallel", "ddp"), expert_parallel=getattr(args, "expert_parallel", False))
-    return Trainer(model, ds, tc, resolve_device(args.device), out_dir=args.out, show_progress=show_progress,
-                   meta=run_meta(args, prepared, synthetic))
+    return Trainer(model, ds, tc, device, out_dir=args.out, show_progress=show_progress,
+                   meta=run_meta(args, prepared, synthetic), eval_fn=eval_fn)
 
 
 def same_codes_as_rank0(prepared):
@@ -95,6 +149,7 @@ def run(args) -> int:
 
 
 def _run(args) -> int:
+    from onerec_fast.data.sources import load_source
     from onerec_fast.model.config import OneRecConfig
     from onerec_fast.train.checkpoint import find_checkpoint
     from onerec_fast.train.cli_common import resolve_device, synthetic_overrides
@@ -102,14 +157,20 @@ def _run(args) -> int:
     from onerec_fast.train.pipeline import prepare
     from onerec_fast.train.pretrain import plot_metrics
 
-    preset = OneRecConfig.preset(args.preset)
     synthetic = synthetic_overrides(args.synthetic)
+    loaded = load_source(args.data, seed=args.seed, synthetic_overrides=synthetic)
+    recipe = apply_recipe(args, len(loaded[0]))
+    preset = OneRecConfig.preset(args.preset)
+    print(f"recipe {recipe.name}: preset {args.preset}, dropout {args.dropout}, lr {args.lr}, batch {args.batch_size}, "
+          f"weight decay {args.weight_decay}, positive/lifelong lengths {args.pos_len or preset.pos_len}/"
+          f"{args.lifelong_len or preset.lifelong_len}")
     prepared = prepare(args.data, seed=args.seed, codebook_size=args.codebook_size, short_len=preset.short_len,
                        positive_len=args.pos_len or preset.pos_len,
-                       lifelong_len=args.lifelong_len or preset.lifelong_len, synthetic=synthetic, splits=("train",))
+                       lifelong_len=args.lifelong_len or preset.lifelong_len, synthetic=synthetic,
+                       splits=("train", "valid"), loaded=loaded)
     prepared = same_codes_as_rank0(prepared)
     resolve_device(args.device, args.threads)
-    trainer = build_trainer(args, prepared, synthetic)
+    trainer = build_trainer(args, prepared, recipe, synthetic)
     if args.resume:
         ckpt = find_checkpoint(args.out, "checkpoint")
         trainer.resume(ckpt)
@@ -120,9 +181,16 @@ def _run(args) -> int:
     print(f"model {m.cfg.name}: {(m.num_parameters() + others) / 1e6:.2f}M dense parameters "
           f"({(m.num_parameters(include_sparse=True) + others) / 1e6:.2f}M with ID tables) on {trainer.device}"
           + (f" x {p.world_size} ranks ({p.mode}{', expert parallel' if p.expert_parallel else ''})"
-             if p.mode != "single" else ""))
+             if p.mode != "single" else "")
+          + f"; {trainer.cfg.steps} steps of {trainer.cfg.batch_size} over {len(trainer.dataset)} training targets"
+          + (f", validation every {trainer.cfg.eval_every} steps (patience {trainer.cfg.patience})"
+             if trainer.cfg.eval_every else ""))
     trainer.train()
     print(f"checkpoint: {trainer.checkpoint_path}")
+    if trainer.cfg.eval_every and trainer.best_path is not None and trainer.best_path.exists():
+        sel = trainer.selection
+        print(f"best: {trainer.best_path} (step {sel['best_step']}, validation {trainer.cfg.select_metric} "
+              f"{sel['best']:.4f})")
     if p.is_main:
         print(plot_metrics(Path(args.out) / "metrics.jsonl", Path(args.out) / "loss.png"))
     return 0

@@ -13,13 +13,19 @@ fewer than K items are reachable). The popularity and SASRec-style baselines com
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
+import os
 import time
+from pathlib import Path
 
+import numpy as np
 import torch
 
 from onerec_fast.train.progress import ProgressBar
 
-__all__ = ["rank_metrics", "evaluate_onerec", "evaluate_all", "format_table"]
+__all__ = ["rank_metrics", "evaluate_onerec", "evaluate_all", "sasrec_metrics", "baseline_cache_dir", "format_table"]
 
 
 def rank_metrics(topk: torch.Tensor, target: torch.Tensor, ks: tuple[int, ...] = (5, 10)) -> dict[str, float]:
@@ -41,20 +47,22 @@ def rank_metrics(topk: torch.Tensor, target: torch.Tensor, ks: tuple[int, ...] =
 
 @torch.no_grad()
 def evaluate_onerec(model, dataset, ks: tuple[int, ...] = (5, 10), beam_size: int = 128, batch_size: int = 64,
-                    device="cpu", show_progress: bool = True) -> dict[str, float]:
-    """Metrics of ``model`` on a ``UserSequenceDataset`` (``split="test"`` or ``"valid"``) by constrained
-    beam search; also ``legality`` and ``users_per_s``."""
-    from onerec_fast.data.batch import collate_user_batch
+                    device="cpu", show_progress: bool = True, indices=None) -> dict[str, float]:
+    """Metrics of ``model`` on a ``UserSequenceDataset`` (``split="test"`` or ``"valid"``; ``indices``: only
+    those samples) by constrained beam search; also ``legality`` and ``users_per_s``."""
+    import numpy as np
 
     device = torch.device(device)
     model.eval().to(device)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate_user_batch)
+    idx = np.arange(len(dataset)) if indices is None else np.asarray(indices, dtype=np.int64)
+    chunks = [idx[i:i + batch_size] for i in range(0, len(idx), batch_size)]
     k = max(ks)
     tops, targets, legal = [], [], []
     trie = model.trie(device)
-    bar = ProgressBar(len(loader), "generate") if show_progress else None
+    bar = ProgressBar(len(chunks), "generate") if show_progress else None
     t0 = time.perf_counter()
-    for batch_cpu in loader:
+    for chunk in chunks:
+        batch_cpu = dataset.batch(chunk)
         model.check_batch(batch_cpu)
         batch = batch_cpu.to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
@@ -71,24 +79,68 @@ def evaluate_onerec(model, dataset, ks: tuple[int, ...] = (5, 10), beam_size: in
     seconds = time.perf_counter() - t0
     res = rank_metrics(torch.cat(tops), torch.cat(targets), ks)
     res["legality"] = torch.cat(legal).float().mean().item()
-    res["users_per_s"] = len(dataset) / seconds
+    res["users_per_s"] = len(idx) / seconds
     return res
 
 
 def evaluate_all(model, test_dataset, log, ks: tuple[int, ...] = (5, 10), beam_size: int = 128,
-                 batch_size: int = 64, device="cpu", sasrec_cfg=None, show_progress: bool = True) -> dict[str, dict]:
-    """OneRec, most-popular and SASRec-style metrics on the same test users: ``{method: metrics}``."""
-    from onerec_fast.train.baselines import popularity_topk, sasrec_topk, train_sasrec
+                 batch_size: int = 64, device="cpu", sasrec_cfg=None, show_progress: bool = True,
+                 cache: bool = True) -> dict[str, dict]:
+    """OneRec, most-popular and SASRec-style metrics on the same users of ``test_dataset``'s split:
+    ``{method: metrics}``. The SASRec-style baseline's result is cached per data split and config
+    (:func:`sasrec_metrics`)."""
+    from onerec_fast.train.baselines import popularity_topk
 
     results = {"OneRec": evaluate_onerec(model, test_dataset, ks, beam_size, batch_size, device, show_progress)}
     k = max(ks)
     targets = torch.as_tensor(log.item[test_dataset.offsets[test_dataset.sample_user] + test_dataset.sample_pos])
     pop = popularity_topk(log, k)
     results["Popularity"] = rank_metrics(pop.expand(targets.numel(), k), targets, ks)
-    sas = train_sasrec(log, sasrec_cfg, device=device, show_progress=show_progress)
-    top, sas_targets = sasrec_topk(sas, log, k, device=device)
-    results["SASRec"] = rank_metrics(top, sas_targets, ks)
+    results["SASRec"] = sasrec_metrics(log, sasrec_cfg, ks, test_dataset.split, device, show_progress, cache)
     return results
+
+
+def baseline_cache_dir() -> Path:
+    """Where baseline results are cached: ``$ONEREC_FAST_CACHE_DIR/baselines`` (default ``~/.cache/onerec_fast``)."""
+    root = os.environ.get("ONEREC_FAST_CACHE_DIR") or Path.home() / ".cache" / "onerec_fast"
+    return Path(root) / "baselines"
+
+
+def sasrec_metrics(log, cfg=None, ks: tuple[int, ...] = (5, 10), split: str = "test", device="cpu",
+                   show_progress: bool = True, cache: bool = True) -> dict[str, float]:
+    """Recall/NDCG@``ks`` of the SASRec-style baseline (:func:`~onerec_fast.train.baselines.train_sasrec`) on
+    ``split``, plus its selected ``epoch``. The result is cached in :func:`baseline_cache_dir` under a key of
+    the interactions (users, items, order), the config and the split, so a second ``evaluate`` of the same data
+    does not retrain it; what happens is announced on stdout."""
+    from onerec_fast.train.baselines import SASRecConfig, sasrec_topk, train_sasrec
+
+    cfg = cfg or SASRecConfig()
+    h = hashlib.sha256()
+    for a in (log.user, log.item, log.timestamp):
+        h.update(np.ascontiguousarray(a, dtype=np.int64).tobytes())
+    h.update(json.dumps({"cfg": dataclasses.asdict(cfg), "ks": list(ks), "split": split, "protocol": 1},
+                        sort_keys=True).encode())
+    path = baseline_cache_dir() / f"sasrec-{h.hexdigest()[:24]}.json"
+    if cache and path.is_file():
+        try:
+            res = json.loads(path.read_text())
+        except (OSError, ValueError):  # a damaged cache entry is retrained, not trusted
+            res = None
+        if isinstance(res, dict) and all(isinstance(v, (int, float)) for v in res.values()):
+            print(f"SASRec-style baseline: cached result for this data split ({path})")
+            return res
+    print(f"SASRec-style baseline: training on the same split ({log.num_items} items, full softmax, early "
+          f"stopping on the validation targets, up to {cfg.epochs} epochs)" + (f"; cached in {path}" if cache else ""))
+    t0 = time.perf_counter()
+    sas = train_sasrec(log, cfg, device=device, show_progress=show_progress)
+    top, targets = sasrec_topk(sas, log, max(ks), device=device, split=split)
+    res = {**rank_metrics(top, targets, ks), "epoch": sas.selection["epoch"], "train_s": time.perf_counter() - t0}
+    if cache:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(res))
+        os.replace(tmp, path)
+    return res
 
 
 def format_table(results: dict[str, dict], ks: tuple[int, ...] = (5, 10)) -> str:

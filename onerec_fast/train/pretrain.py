@@ -28,17 +28,21 @@ import dataclasses
 import itertools
 import json
 import math
+import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from onerec_fast.train.checkpoint import checkpoint_path, load_training_state, save_training_state
-from onerec_fast.train.parallel import PARALLEL_MODES, ParallelModel, all_reduce_sum, init_distributed, local_device
+from onerec_fast.train.checkpoint import checkpoint_path, load_training_state, save_checkpoint, save_training_state
+from onerec_fast.train.parallel import (PARALLEL_MODES, ParallelModel, all_reduce_sum, broadcast_object,
+                                        init_distributed, local_device)
 from onerec_fast.train.progress import ProgressBar
 
-__all__ = ["TrainConfig", "Trainer", "EpochBatchSampler", "lr_at", "plot_metrics"]
+__all__ = ["TrainConfig", "Trainer", "EpochBatchSampler", "NonFiniteTrainingError", "lr_at", "plot_metrics"]
 
 
 @dataclass
@@ -59,11 +63,17 @@ class TrainConfig:
     num_workers: int = 0
     parallel: str = "ddp"  # under torchrun: "ddp" (replicated) or "fsdp" (FSDP2, sharded); ignored in one process
     expert_parallel: bool = False  # with "ddp" under torchrun (> 1 process): the MoE experts split over the ranks
+    eval_every: int = 0  # steps between validation evaluations (needs the Trainer's eval_fn; 0: never)
+    patience: int = 0  # stop after this many evaluations without a better select_metric (0: never stop early)
+    select_metric: str = "ndcg@10"  # the eval_fn result that picks best.pt (higher is better)
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("eval_every", "patience", "ckpt_every", "warmup_steps", "num_workers"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"lr must be > 0 and min_lr_ratio in [0, 1], got {self.lr}, {self.min_lr_ratio}")
         if self.parallel not in PARALLEL_MODES:
@@ -135,22 +145,41 @@ def _tokens(batch, model) -> int:
     return n + len(batch) * (1 + model.cfg.num_queries + model.cfg.code_levels)
 
 
+_NONE = 2**52  # "no non-finite step yet" (exact in float64 too, for the all-reduce)
+
+
+class NonFiniteTrainingError(RuntimeError):
+    """The loss or the gradient norm of a training step was NaN or infinite (the message names the step); the
+    last checkpoint on disk was written before it and is kept."""
+
+
 class Trainer:
     """Pretrains ``model`` (a ``OneRec``) on ``dataset`` (a ``UserSequenceDataset``) on ``device``.
 
     ``out_dir`` (optional) receives the checkpoint (``checkpoint.pt``; ``checkpoint.dcp`` under torchrun),
-    ``metrics.jsonl``, ``metrics.csv`` and ``loss.png``. ``history`` keeps ``(step, loss)`` of every step (the
-    loss of the global batch). ``meta`` (tensors, numbers, strings) is stored in every checkpoint as is (the
-    CLI keeps the data source and the item embeddings there). Under torchrun (the process group is started
-    here if needed) ``device`` ``"cuda"`` means this rank's GPU and the model is wrapped as ``cfg.parallel``
-    says; ``self.model`` stays the ``OneRec`` (sharded in place under FSDP2, its MoE layers replaced by
-    expert-parallel ones with ``cfg.expert_parallel``: ``self.parallel.full_state_dict()`` is the whole state).
+    ``best.pt`` (the weights with the best validation ``cfg.select_metric``, when ``eval_fn`` is given),
+    ``metrics.jsonl`` (training windows and validation rows), ``metrics.csv`` (training windows) and ``loss.png``.
+    ``history`` keeps ``(step, loss)`` of every step (the loss of the global batch). ``meta`` (tensors, numbers,
+    strings) is stored in every checkpoint as is (the CLI keeps the data source and the item embeddings there).
+
+    ``eval_fn(model) -> {metric: float}`` (e.g. Recall/NDCG@10 of constrained generation on the validation
+    split) runs every ``cfg.eval_every`` steps and at the end, on rank 0 only; the best result writes
+    ``best.pt`` and ``cfg.patience`` evaluations without improvement stop the run early.
+
+    Non-finite policy: the loss and the gradient norm of every step are checked on the device (no host sync);
+    the first non-finite step is read at the next logging window or save, and training stops with
+    :class:`NonFiniteTrainingError` naming it. A checkpoint is never written from a state that saw one (nor
+    from non-finite weights), so the last good checkpoint survives.
+
+    Under torchrun (the process group is started here if needed) ``device`` ``"cuda"`` means this rank's GPU and
+    the model is wrapped as ``cfg.parallel`` says; ``self.model`` stays the ``OneRec`` (sharded in place under
+    FSDP2, its MoE layers replaced by expert-parallel ones with ``cfg.expert_parallel``:
+    ``self.parallel.full_state_dict()`` is the whole state).
     """
 
     def __init__(self, model, dataset, cfg: TrainConfig, device: torch.device | str = "cpu",
-                 out_dir: str | Path | None = None, show_progress: bool = True, meta: dict | None = None):
-        from onerec_fast.data.batch import collate_user_batch
-
+                 out_dir: str | Path | None = None, show_progress: bool = True, meta: dict | None = None,
+                 eval_fn: Callable[[torch.nn.Module], dict] | None = None):
         init_distributed(device)
         self.model, self.dataset, self.cfg = model, dataset, cfg
         self.device = local_device(device)
@@ -160,13 +189,16 @@ class Trainer:
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.show_progress = show_progress
         self.meta = meta or {}
+        self.eval_fn = eval_fn
         fused = self.device.type == "cuda"
         self.opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr,
                                      betas=(cfg.beta1, cfg.beta2), fused=fused or None)
         self.step = 0
         self.history: list[tuple[int, float]] = []
-        self.metrics: list[dict] = []  # one row per logging window
-        self._collate = collate_user_batch
+        self.metrics: list[dict] = []  # one row per logging window or evaluation
+        # Model selection: the best validation result so far, its step, evaluations since it improved.
+        self.selection = {"best": -math.inf, "best_step": -1, "since_best": 0}
+        self._bad_step = torch.full((), _NONE, dtype=torch.int64, device=self.device)  # first non-finite step
         self._peak = None
 
     # -- state ----------------------------------------------------------------------------------------------
@@ -175,6 +207,11 @@ class Trainer:
         """Where :meth:`save` writes by default: ``<out_dir>/checkpoint.pt`` (``checkpoint.dcp`` under torchrun)."""
         return checkpoint_path(self.out_dir, "checkpoint")
 
+    @property
+    def best_path(self) -> Path | None:
+        """``<out_dir>/best.pt``: the model with the best validation result (None without ``out_dir``)."""
+        return None if self.out_dir is None else self.out_dir / "best.pt"
+
     def _checkpoint_entries(self) -> dict:
         """Everything a checkpoint holds besides the model, the optimizer and the RNG states."""
         return {
@@ -182,17 +219,21 @@ class Trainer:
             "schedule": {"step": self.step},
             "data": {"position": self.step, "seed": self.cfg.seed, "batch_size": self.cfg.batch_size},
             "train_config": dataclasses.asdict(self.cfg),
+            "selection": dict(self.selection),
             "meta": self.meta,
         }
 
     def save(self, path: str | Path | None = None) -> Path:
-        """Write a checkpoint (default :attr:`checkpoint_path`); under torchrun every rank must call this."""
+        """Write a checkpoint (default :attr:`checkpoint_path`); under torchrun every rank must call this.
+        Raises :class:`NonFiniteTrainingError` instead of saving a state that saw a non-finite step."""
+        self._check_finite(weights=True)
         return save_training_state(self.checkpoint_path if path is None else path, self.model, self.opt,
                                    self._checkpoint_entries())
 
     def resume(self, path: str | Path) -> None:
         """Load a checkpoint written by :meth:`save` (by any number of ranks); training continues exactly where
-        it stopped (bit-for-bit on the same device and world size)."""
+        it stopped (bit-for-bit on the same device and world size). Metric rows logged after the checkpoint's
+        step (by the run that stopped) are dropped from ``metrics.jsonl``/``.csv``, so no step appears twice."""
 
         def same_data_order(ck: dict) -> None:
             if ck["data"]["batch_size"] != self.cfg.batch_size or ck["data"]["seed"] != self.cfg.seed:
@@ -202,14 +243,18 @@ class Trainer:
 
         ck = load_training_state(path, self.model, self.opt, validate=same_data_order)
         self.step = int(ck["schedule"]["step"])
+        self.selection.update(ck.get("selection", {}))
+        if self.out_dir is not None and self.parallel.is_main:
+            _truncate_metrics(self.out_dir, self.step)
 
     # -- the loop ------------------------------------------------------------------------------------------
     def _loader(self):
         p = self.parallel
         sampler = EpochBatchSampler(len(self.dataset), self.cfg.batch_size, self.cfg.seed, start=self.step,
                                     rank=p.rank, world_size=p.world_size)
-        return torch.utils.data.DataLoader(self.dataset, batch_sampler=sampler, collate_fn=self._collate,
-                                           num_workers=self.cfg.num_workers,
+        # batch_size=None: the sampler yields index lists and the dataset view builds whole batches (vectorized)
+        return torch.utils.data.DataLoader(_BatchView(self.dataset), sampler=sampler, batch_size=None,
+                                           collate_fn=_identity, num_workers=self.cfg.num_workers,
                                            pin_memory=self.device.type == "cuda")
 
     def _mfu(self, flops: float, seconds: float) -> float:
@@ -223,7 +268,8 @@ class Trainer:
 
     def train_step(self, batch_cpu) -> torch.Tensor:
         """One optimizer step on a CPU ``UserBatch`` (this rank's slice of the global batch); returns this
-        rank's (device) loss."""
+        rank's (device) loss. A non-finite loss or gradient norm is recorded on the device (see the class
+        docstring), not synced here."""
         model, cfg = self.model, self.cfg
         model.train()
         batch = batch_cpu.to(self.device, non_blocking=True)
@@ -234,6 +280,8 @@ class Trainer:
             loss = self.parallel(_loss, batch)
         loss.backward()
         self._grad_norm = self.parallel.clip_grad_norm_(cfg.grad_clip)
+        bad = ~(torch.isfinite(loss.detach()) & torch.isfinite(self._grad_norm))
+        self._bad_step = torch.where(bad & (self._bad_step == _NONE), self.step, self._bad_step)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         self.parallel.sync_expert_load()
@@ -241,11 +289,34 @@ class Trainer:
         self.step += 1
         return loss.detach()
 
+    def _check_finite(self, weights: bool = False) -> None:
+        """Raise :class:`NonFiniteTrainingError` if a step so far had a non-finite loss or gradient (or, with
+        ``weights``, if a parameter is non-finite), on any rank. One host sync (and a MIN all-reduce)."""
+        flags = [self._bad_step.double()]
+        if weights:
+            local = [p.to_local() if hasattr(p, "to_local") else p for p in self.model.parameters()]
+            finite = torch.isfinite(torch.stack(torch._foreach_norm([p.detach().float() for p in local]))).all()
+            flags.append(torch.where(finite, _NONE, -1.0).to(flags[0]))
+        flags = torch.stack(flags)
+        if self.parallel.world_size > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+        step, finite_weights = int(flags[0]), len(flags) < 2 or int(flags[1]) == _NONE
+        kept = "; the last checkpoint on disk is kept" if self.out_dir is not None else ""
+        if step != _NONE:
+            raise NonFiniteTrainingError(
+                f"non-finite loss or gradient at step {step + 1} (lr {lr_at(step, self.cfg):.3g}): training "
+                f"stopped{kept}. Lower --lr, raise --warmup, or train in fp32 (--no-amp) to find the cause")
+        if not finite_weights:
+            raise NonFiniteTrainingError(f"non-finite weights at step {self.step}: not saved{kept}")
+
     def train(self, steps: int | None = None) -> list[tuple[int, float]]:
-        """Run until ``steps`` (default ``cfg.steps``) optimizer steps are done in total; returns ``history``."""
+        """Run until ``steps`` (default ``cfg.steps``) optimizer steps are done in total, or until the
+        validation result stops improving (``cfg.patience``); returns ``history``."""
         cfg = self.cfg
         end = cfg.steps if steps is None else steps
-        if self.step >= end:
+        if self.step >= end or self._stopped_early():
             return self.history
         bar = ProgressBar(end, "train", start=self.step) if self.show_progress and self.parallel.is_main else None
         window_flops, window_tokens, pending = 0.0, 0, []
@@ -259,6 +330,7 @@ class Trainer:
                 window_tokens += _tokens(batch_cpu, self.model)
                 pending.append((self.step, self.train_step(batch_cpu)))
                 if self.step % cfg.log_every == 0 or self.step == end:
+                    self._check_finite()
                     losses, window_flops, window_tokens = self._window_totals(pending, window_flops, window_tokens)
                     self.history += [(s + 1, v) for (s, _), v in zip(pending, losses)]
                     dt = time.perf_counter() - t0
@@ -271,14 +343,59 @@ class Trainer:
                                    MFU=f"{100 * row['mfu']:.2f}%")
                     window_flops, window_tokens, pending = 0.0, 0, []
                     t0 = time.perf_counter()
+                stop = False
+                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step != end:
+                    stop = self.evaluate()
+                    t0 = time.perf_counter()  # the evaluation is not training time
                 if cfg.ckpt_every and self.step % cfg.ckpt_every == 0 and self.out_dir is not None:
                     self.save()
+                if stop:
+                    break
         finally:
             if bar is not None:
                 bar.close()
+        if self.step == end and cfg.eval_every and self.selection["best_step"] != self.step:
+            self.evaluate()
         if self.out_dir is not None:
             self.save()
         return self.history
+
+    def _stopped_early(self) -> bool:
+        return bool(self.cfg.patience) and self.selection["since_best"] >= self.cfg.patience
+
+    def evaluate(self) -> bool:
+        """Run ``eval_fn`` on the current weights (rank 0), log it, write ``best.pt`` when it improves
+        ``cfg.select_metric``; returns True when the run should stop (``cfg.patience`` reached). Every rank
+        must call this."""
+        if self.eval_fn is None:
+            return False
+        self._check_finite()
+        policy = self.parallel.gathered()  # under FSDP2 a replica gathered by every rank
+        res = {}
+        if self.parallel.is_main:
+            was_training = policy.training
+            res = self.eval_fn(policy)
+            policy.train(was_training)
+            if self.cfg.select_metric not in res:
+                raise KeyError(f"eval_fn returned {sorted(res)}, without select_metric={self.cfg.select_metric!r}")
+        res = broadcast_object(res)
+        value, sel = float(res[self.cfg.select_metric]), self.selection
+        improved = value > sel["best"]
+        if improved:
+            sel.update(best=value, best_step=self.step, since_best=0)
+            if self.out_dir is not None:
+                state = self.parallel.full_state_dict()  # every rank: an all-gather under FSDP2
+                if self.parallel.is_main:
+                    save_checkpoint(self.best_path, {"model": {k: v.detach().cpu() for k, v in state.items()},
+                                                     **self._checkpoint_entries()})
+        else:
+            sel["since_best"] += 1
+        self._log({"step": self.step, **{f"valid_{k}": v for k, v in res.items()}, "best_step": sel["best_step"]})
+        if self.show_progress and self.parallel.is_main:
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in res.items() if "@" in k)
+            print(f"step {self.step}: valid {shown}" + (" (best)" if improved else
+                                                         f" (best {sel['best']:.4f} at step {sel['best_step']})"))
+        return self._stopped_early()
 
     def _window_totals(self, pending: list, flops: float, tokens: int) -> tuple[list[float], float, int]:
         """A logging window over all ranks: the global batches' losses (the mean of the ranks' losses: each
@@ -293,12 +410,15 @@ class Trainer:
         return (totals[:-2] / n).tolist(), float(totals[-2]), int(totals[-1])
 
     def _log(self, row: dict) -> None:
+        """Append a row to ``metrics.jsonl``; training windows (rows with a loss) also to ``metrics.csv``."""
         self.metrics.append(row)
         if self.out_dir is None or not self.parallel.is_main:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
         with open(self.out_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
+        if "loss" not in row:
+            return
         path = self.out_dir / "metrics.csv"
         new = not path.exists()
         with open(path, "a", newline="") as f:
@@ -308,15 +428,64 @@ class Trainer:
             w.writerow(row)
 
 
+class _BatchView(torch.utils.data.Dataset):
+    """Index lists -> whole ``UserBatch`` es: through the dataset's vectorized ``batch`` (a
+    ``UserSequenceDataset``, or a ``Subset`` of one), else per-sample items and ``collate_user_batch``."""
+
+    def __init__(self, dataset):
+        base, index = dataset, None
+        if isinstance(dataset, torch.utils.data.Subset):
+            base, index = dataset.dataset, np.asarray(dataset.indices, dtype=np.int64)
+        self.dataset, self.base, self.index = dataset, base, index
+
+    def __getitem__(self, indices: list[int]):
+        from onerec_fast.data.batch import collate_user_batch
+
+        if hasattr(self.base, "batch"):
+            return self.base.batch(indices if self.index is None else self.index[indices])
+        return collate_user_batch([self.dataset[i] for i in indices])
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+
+def _identity(x):
+    return x
+
+
+def _truncate_metrics(out_dir: Path, step: int) -> None:
+    """Drop the rows after ``step`` from ``metrics.jsonl`` and ``metrics.csv`` (atomically rewritten)."""
+    for name in ("metrics.jsonl", "metrics.csv"):
+        path = out_dir / name
+        if not path.exists():
+            continue
+        lines = path.read_text().splitlines(keepends=True)
+        if name.endswith(".jsonl"):
+            keep = [ln for ln in lines if ln.strip() and json.loads(ln)["step"] <= step]
+        else:
+            col = next(csv.reader(lines[:1])).index("step") if lines else 0
+            keep = lines[:1] + [ln for ln in lines[1:] if float(next(csv.reader([ln]))[col]) <= step]
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(keep))
+        os.replace(tmp, path)
+
+
 def _loss(model, batch) -> torch.Tensor:
     """The pretraining loss: what :class:`~onerec_fast.train.parallel.ParallelModel` runs in its forward."""
     return model(batch)
 
 
 def plot_metrics(metrics_jsonl: str | Path, png: str | Path) -> str:
-    """Plot loss against step into ``png``; returns a one-line message (matplotlib is optional)."""
+    """Plot the loss against step, and beside it the validation metrics when the run evaluated, into ``png``;
+    returns a one-line message (matplotlib is optional)."""
     from onerec_fast.train.progress import line_plots
 
     rows = [json.loads(line) for line in Path(metrics_jsonl).read_text().splitlines() if line.strip()]
-    series = [("loss", [r["step"] for r in rows], [r["loss"] for r in rows], "-")]
-    return line_plots(png, [("step", "next-code cross-entropy", series)], "loss", "metrics are in metrics.csv")
+    train = [r for r in rows if "loss" in r]
+    panels = [("step", "next-code cross-entropy", [("loss", [r["step"] for r in train], [r["loss"] for r in train], "-")])]
+    valid = [r for r in rows if any(k.startswith("valid_") for k in r)]
+    names = [k for k in (valid[0] if valid else {}) if k.startswith("valid_") and "@" in k]
+    if names:
+        panels.append(("step", "validation metric", [(k.removeprefix("valid_"), [r["step"] for r in valid],
+                                                      [r[k] for r in valid], "o-") for k in names]))
+    return line_plots(png, panels, "loss", "metrics are in metrics.csv and metrics.jsonl")

@@ -1,0 +1,78 @@
+"""Training recipes: every default of ``onerec-fast train`` that depends on the data, chosen from its size.
+
+``onerec-fast train`` takes its model preset, pathway lengths, regularization, optimizer and schedule from a
+recipe (``--recipe auto``, the default, picks one from the number of interactions); any flag given on the
+command line overrides the recipe's value. The same command then serves every public dataset of a kind
+without per-file flags.
+
+* ``small`` (up to ``SMALL_MAX_INTERACTIONS``: MovieLens-100K/1M, the Amazon 5-core sets, Yelp, Steam): a
+  narrow, shallow OneRec with dropout (these sets have 10^5-10^6 interactions, where the TR's 0.015b
+  preset without dropout overfits after about three epochs), pathway lengths cut to what such histories
+  use, and model selection on the validation split with early stopping.
+* ``tr``: the OneRec TR's setting (a named preset, its pathway lengths, no dropout) for large logs.
+
+The measurements behind the choices are in ``docs/ARCHITECTURE.md`` (section "Recommendation quality").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+__all__ = ["Recipe", "RECIPES", "SMALL_MAX_INTERACTIONS", "choose_recipe", "steps_for_epochs"]
+
+SMALL_MAX_INTERACTIONS = 3_000_000
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Defaults of one training recipe. ``model``: :class:`~onerec_fast.model.config.OneRecConfig` fields
+    over ``preset``; ``epochs``: at most this many passes over the training targets (the schedule's length);
+    ``eval_per_epoch``: validation evaluations per epoch (0: none); ``patience``: evaluations without a better
+    validation NDCG@10 before stopping."""
+
+    name: str
+    preset: str
+    model: dict = field(default_factory=dict)
+    pos_len: int | None = None  # None: the preset's
+    lifelong_len: int | None = None
+    lr: float = 1e-3
+    batch_size: int = 256
+    epochs: float = 1.0
+    warmup: int = 100
+    weight_decay: float = 0.01
+    eval_per_epoch: float = 0.0
+    patience: int = 0
+    eval_users: int = 0  # validation users per evaluation (0: all)
+    eval_beam: int = 32
+
+    def replace(self, **changes) -> "Recipe":
+        return dataclasses.replace(self, **changes)
+
+
+RECIPES: dict[str, Recipe] = {
+    "small": Recipe(
+        name="small", preset="0.015b",
+        model=dict(d_model=128, n_heads=4, enc_layers=2, dec_layers=2, d_ff=512, num_queries=16, qformer_blocks=1,
+                   dropout=0.2),
+        pos_len=50, lifelong_len=200, lr=1e-3, batch_size=256, epochs=40, warmup=200, weight_decay=0.05,
+        eval_per_epoch=1.0, patience=5, eval_users=10_000, eval_beam=32,
+    ),
+    "tr": Recipe(name="tr", preset="0.015b", lr=1e-3, batch_size=256, epochs=3, warmup=200, weight_decay=0.01,
+                 eval_per_epoch=1.0, patience=3, eval_users=10_000, eval_beam=32),
+}
+
+
+def choose_recipe(name: str, num_interactions: int) -> Recipe:
+    """The recipe ``name`` (``"auto"``: ``small`` up to :data:`SMALL_MAX_INTERACTIONS` interactions, else ``tr``)."""
+    if name == "auto":
+        name = "small" if num_interactions <= SMALL_MAX_INTERACTIONS else "tr"
+    if name not in RECIPES:
+        raise ValueError(f"recipe must be 'auto' or one of {sorted(RECIPES)}, got {name!r}")
+    return RECIPES[name]
+
+
+def steps_for_epochs(epochs: float, num_samples: int, batch_size: int) -> int:
+    """Optimizer steps of ``epochs`` passes over ``num_samples`` training targets (at least 1)."""
+    return max(1, math.ceil(epochs * num_samples / batch_size))
