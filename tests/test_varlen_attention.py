@@ -497,8 +497,14 @@ def _low_lse_inputs(shared, kv_heads, dtype, device, lengths=(0, 1, 3, 17), head
     return [t.to(device, dtype).requires_grad_() for t in (q, k, v)], _cu(lengths, device)
 
 
-# The interpreter evaluates exp2 of the masked-off scores too (both sides of tl.where), which overflows there.
-@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+def _masked_off_overflow(test):
+    """NumPy warns for the interpreter's overflow in scores that are masked off (exp2 of both sides of a
+    tl.where) or never stored (the two-kernel dk/dv rows past a row's end); the results are checked instead."""
+    test = pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")(test)
+    return pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")(test)
+
+
+@_masked_off_overflow
 @pytest.mark.parametrize("path", list(_LOW_LSE_PATHS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("device", TRITON_DEVICES)
@@ -527,6 +533,7 @@ def test_backward_stays_finite_at_very_negative_lse(device, dtype, path, monkeyp
         assert_close(name, got, want, dtype, device)
 
 
+@_masked_off_overflow
 def test_issue_reproducer_one_key_far_below_the_query():
     """The audit's reproducer: one key k (unit), q = -100 k, softmax_scale 1, sum().backward()."""
     skip_unless_runs("triton", "cpu")
