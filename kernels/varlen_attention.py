@@ -317,14 +317,16 @@ def _varlen_attn_bwd_fused_kernel(
         stride_om, stride_dob, stride_doh, stride_dom, stride_lb, stride_lh, HAS_DLSE, HEAD_DIM)
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    # Keys past the row's end load as zeros: their dk/dv rows are not stored and, k being 0 there,
-    # they add nothing to dq, so the scores need no mask.
     for n in range(0, seqlen_k, BLOCK_N):
         rows = start + n + offs_n
         mask_n = n + offs_n < seqlen_k
         k = tl.load(K + rows[:, None] * stride_kt + h * stride_kh + offs_d[None, :], mask=mask_n[:, None], other=0.0)
         v = tl.load(V + rows[:, None] * stride_vt + h * stride_vh + offs_d[None, :], mask=mask_n[:, None], other=0.0)
-        pT = tl.math.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse2[None, :])  # [BLOCK_N, BLOCK_M]
+        # Keys past the row's end load as zeros, so their score is 0 and exp2(0 - lse2) overflows to inf when
+        # lse < -88.7 (fp32); inf * 0 in the dq dot would then be NaN. Their P is set to 0 (a select, no
+        # extra pass); their dk/dv rows are not stored.
+        pT = tl.where(mask_n[:, None], tl.math.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse2[None, :]),
+                      0.0)  # [BLOCK_N, BLOCK_M]
         dv = tl.dot(pT.to(do.dtype), do)
         dsT = pT * (tl.dot(v, tl.trans(do)) - delta[None, :])
         ds = dsT.to(q.dtype)

@@ -36,7 +36,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     d = RLConfig()
     g = p.add_argument_group("model and data")
-    g.add_argument("--checkpoint", required=True, help="a checkpoint of onerec-fast train (or of a previous rl run)")
+    g.add_argument("--checkpoint", required=True,
+                   help="a checkpoint of onerec-fast train or of a previous rl run: a .pt file, a .dcp folder, or "
+                        "a run folder (its best, else its checkpoint)")
     g.add_argument("--data", default=None, help="override the data source recorded in the checkpoint")
     g.add_argument("--out", default="runs/rl")
     add_device_arguments(g)
@@ -120,7 +122,7 @@ def _run(args) -> int:
         train_pscore,
     )
     from onerec_fast.rl.loop import ECPOTrainer, RLConfig, evaluate_policy
-    from onerec_fast.train.checkpoint import load_checkpoint
+    from onerec_fast.train.checkpoint import load_checkpoint, resolve_checkpoint
     from onerec_fast.train.cli_common import model_from_checkpoint, resolve_device
     from onerec_fast.train.parallel import broadcast_module, dist_info, local_device
     from onerec_fast.train.pretrain import Trainer, TrainConfig
@@ -129,7 +131,7 @@ def _run(args) -> int:
     main = dist_info().is_main
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    ck = load_checkpoint(args.checkpoint)
+    ck = load_checkpoint(resolve_checkpoint(args.checkpoint))
     meta = ck.get("meta") or {}
     if "data" not in meta:
         raise ValueError(f"--checkpoint {args.checkpoint} records no data source (write it with onerec-fast train)")

@@ -14,7 +14,13 @@ entries and rank 0's RNG states, weights-only) into a temporary folder; after a 
 ``<stem>.dcp.version-<id>`` and atomically repoints the symlink ``<stem>.dcp`` at it (``os.replace`` of a
 link), then deletes the previous version. ``dcp.load`` reshards on load, so a run saved on N ranks resumes on M
 (one process included), DDP or FSDP2 alike; a single-process ``.pt`` also resumes under DDP/FSDP2.
-:func:`load_checkpoint` reads either kind whole on CPU (what ``evaluate``/``generate``/``rl`` need).
+:func:`load_checkpoint` reads either kind whole on CPU (what ``evaluate``/``generate``/``rl`` need);
+:func:`resolve_checkpoint` turns a run folder into the checkpoint inside it.
+
+Nothing here unpickles arbitrary objects: files load with ``weights_only=True``, and a DCP folder through
+:mod:`onerec_fast.train.dcp_reader` (``.metadata`` by an allow-list of the classes torch writes there, non-tensor
+entries with ``weights_only=True``); anything else raises
+:class:`~onerec_fast.train.dcp_reader.UnsafeCheckpointError` naming the file before it can run.
 
 Expert parallelism (:func:`~onerec_fast.train.parallel.expert_shards`): each rank holds other rows of the experts
 ``w1, w3, w2`` and of their AdamW moments, so around ``dcp.save`` / ``dcp.load`` these become DTensors sharded
@@ -26,11 +32,13 @@ to the rank's rows on load).
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import re
 import shutil
 import uuid
 import warnings
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -48,9 +56,11 @@ __all__ = [
     "load_training_state",
     "checkpoint_path",
     "find_checkpoint",
+    "resolve_checkpoint",
 ]
 
 _TRAINER_FILE = "trainer.pt"  # inside a DCP folder: everything but the model and optimizer tensors
+_METADATA_FILE = ".metadata"  # inside a DCP folder: what dcp.save wrote about the tensors (pickled by torch)
 
 
 def rng_state() -> dict:
@@ -101,9 +111,24 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     path = Path(path)
     if path.is_dir():
         return {**_read_trainer_file(path), "model": _read_dcp_model(path)}
+    return _load_file(path, map_location)
+
+
+def _load_file(path: Path, map_location="cpu"):
+    """``torch.load(path, weights_only=True)``, with one-line errors naming ``path``: FileNotFoundError, a
+    ValueError for a file that is no checkpoint (not torch.save's zip format: a README, a text file), and
+    :class:`UnsafeCheckpointError` for one that holds other objects than tensors, numbers and strings."""
+    from onerec_fast.train.dcp_reader import UnsafeCheckpointError, weights_only_reason
+
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    return torch.load(path, map_location=map_location, weights_only=True)
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{path} is not a checkpoint (not a file written by torch.save)")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UnsafeCheckpointError(f"{path}: holds more than tensors, numbers and strings; refusing to load it "
+                                    f"({weights_only_reason(e)})") from None
 
 
 def checkpoint_path(directory: str | os.PathLike | None, stem: str) -> Path:
@@ -116,11 +141,52 @@ def checkpoint_path(directory: str | os.PathLike | None, stem: str) -> Path:
 
 def find_checkpoint(directory: str | os.PathLike, stem: str) -> Path:
     """The newest of ``<stem>.pt`` and ``<stem>.dcp`` in ``directory`` (a run may switch between one process
-    and torchrun); FileNotFoundError when neither exists."""
-    found = [p for p in (Path(directory) / f"{stem}.pt", Path(directory) / f"{stem}.dcp") if p.exists()]
+    and torchrun); FileNotFoundError when neither exists. The newest must look readable (a torch.save file; a
+    DCP folder with ``trainer.pt`` and a ``.metadata`` of allowed classes only): otherwise ValueError naming it
+    (and the other one), never a silent fall back to the older one or a load of the unreadable one."""
+    candidates = (Path(directory) / f"{stem}.pt", Path(directory) / f"{stem}.dcp")
+    found = [p for p in candidates if p.exists() or p.is_symlink()]  # a dangling .dcp link counts: not ours
     if not found:
         raise FileNotFoundError(f"no checkpoint {stem}.pt or {stem}.dcp in {directory}")
-    return max(found, key=lambda p: os.lstat(p).st_mtime_ns)  # lstat: a .dcp link's time is its last save
+    found.sort(key=lambda p: os.lstat(p).st_mtime_ns, reverse=True)  # lstat: a .dcp link's time is its last save
+    try:
+        _check_checkpoint(found[0])
+    except (OSError, ValueError) as e:
+        other = f"; move it away to resume from the older {found[1]}" if len(found) > 1 else ""
+        raise ValueError(f"the newest checkpoint {found[0]} cannot be read ({e}){other}") from None
+    return found[0]
+
+
+def resolve_checkpoint(path: str | os.PathLike, prefer: tuple[str, ...] = ("best", "checkpoint")) -> Path:
+    """The checkpoint ``path`` names: a checkpoint file or DCP folder as it is; a run folder (``runs/x``) ->
+    :func:`find_checkpoint` of the first stem of ``prefer`` it holds (``best.pt`` before ``checkpoint.pt`` by
+    default: what evaluation wants). FileNotFoundError naming the path and the stems looked for."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if not path.is_dir() or (path / _TRAINER_FILE).exists() or (path / _METADATA_FILE).exists():
+        return path
+    for stem in prefer:
+        if any((path / f"{stem}{ext}").exists() for ext in (".pt", ".dcp")):
+            return find_checkpoint(path, stem)
+    raise FileNotFoundError(f"{path} is a folder without a checkpoint (looked for "
+                            + ", ".join(f"{stem}.pt, {stem}.dcp" for stem in prefer) + ")")
+
+
+def _check_checkpoint(path: Path) -> None:
+    """Raise (naming the file) unless ``path`` looks like a checkpoint of this module: a torch.save file, or a
+    DCP folder with ``trainer.pt`` and a ``.metadata`` of allowed classes (read; the tensors are not)."""
+    from onerec_fast.train.dcp_reader import read_metadata
+
+    if not path.is_dir():
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is neither a file nor a folder")
+        if not zipfile.is_zipfile(path):
+            raise ValueError(f"{path} is not a checkpoint (not a file written by torch.save)")
+        return
+    if not zipfile.is_zipfile(path / _TRAINER_FILE):
+        raise ValueError(f"{path} is not a checkpoint folder of onerec_fast (no readable {_TRAINER_FILE})")
+    read_metadata(path / _METADATA_FILE)
 
 
 # --------------------------------------------------------------------------------------------- training state
@@ -285,15 +351,16 @@ def _read_trainer_file(folder: Path) -> dict:
     f = folder / _TRAINER_FILE
     if not f.is_file():
         raise FileNotFoundError(f"{folder} is not a checkpoint folder of onerec_fast (no {_TRAINER_FILE})")
-    return torch.load(f, map_location="cpu", weights_only=True)
+    return _load_file(f)
 
 
 def _read_dcp_model(folder: Path) -> dict[str, torch.Tensor]:
     """The whole model state dict of a DCP folder, on CPU (templates from the folder's metadata)."""
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    meta = dcp.FileSystemReader(str(folder)).read_metadata()
+    from onerec_fast.train.dcp_reader import read_metadata
+
+    meta = read_metadata(folder / _METADATA_FILE)
     template = {k.removeprefix("model."): torch.empty(m.size, dtype=m.properties.dtype)
                 for k, m in meta.state_dict_metadata.items()
                 if k.startswith("model.") and isinstance(m, TensorStorageMetadata)}
@@ -303,9 +370,20 @@ def _read_dcp_model(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def _dcp_load(state: dict, folder: Path) -> None:
-    """``dcp.load`` into ``state`` in place: collective in a process group, else read by this process alone."""
+    """``dcp.load`` into ``state`` in place (collective in a process group, else read by this process alone),
+    through the restricted reader and planner of :mod:`onerec_fast.train.dcp_reader`."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
 
+    from onerec_fast.train.dcp_reader import SafeLoadPlanner, SafeReader, UnsafeCheckpointError, read_metadata
+
+    read_metadata(folder / _METADATA_FILE)  # a refused .metadata raises here as itself, not wrapped by dcp.load
     with warnings.catch_warnings():  # one process reading a checkpoint of many ranks is what is meant here
         warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
-        dcp.load(state, checkpoint_id=folder)
+        try:
+            dcp.load(state, storage_reader=SafeReader(str(folder)), planner=SafeLoadPlanner(folder))
+        except CheckpointException as e:  # a BaseException holding every rank's error: raise a refusal plainly
+            refused = [exc for exc, _ in e.failures.values() if isinstance(exc, UnsafeCheckpointError)]
+            if refused:
+                raise refused[0] from None
+            raise

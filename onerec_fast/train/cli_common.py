@@ -74,12 +74,14 @@ def model_from_checkpoint(ck: dict):
 
 
 def load_run(path: str, data: str | None = None, splits=("test",)):
-    """(model, log, world, datasets) from a ``train`` checkpoint; ``data`` overrides the recorded source."""
+    """(model, log, world, datasets) from a ``train`` checkpoint (a run folder: its ``best``, else its
+    ``checkpoint``); ``data`` overrides the recorded source."""
     from onerec_fast.data import BatchConfig
-    from onerec_fast.train.checkpoint import load_checkpoint
+    from onerec_fast.train.checkpoint import load_checkpoint, resolve_checkpoint
     from onerec_fast.data.sources import load_source
     from onerec_fast.train.pipeline import datasets_for
 
+    path = resolve_checkpoint(path)
     ck = load_checkpoint(path)
     meta = ck.get("meta") or {}
     if "data" not in meta:
