@@ -60,10 +60,15 @@ def run_meta(args, prepared, synthetic: dict | None = None) -> dict:
 
 
 def model_from_checkpoint(ck: dict):
-    """A ``OneRec`` with the checkpoint's config and weights (catalogue codes included)."""
+    """A ``OneRec`` with the checkpoint's config and weights (catalogue codes included). A checkpoint with
+    non-finite weights (a diverged run) is refused with ValueError naming them: it would rank nothing."""
     from onerec_fast.model.config import OneRecConfig
     from onerec_fast.model.onerec import OneRec
 
+    bad = [k for k, v in ck["model"].items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ValueError(f"the checkpoint's weights are not finite ({len(bad)} tensors, e.g. {bad[:3]}): the run "
+                         "diverged; evaluate an earlier checkpoint or retrain with a lower --lr")
     fields = dict(ck["model_config"])
     for k in ("item_num_features", "codebook_size"):
         if isinstance(fields.get(k), list):

@@ -1,0 +1,190 @@
+"""What issue 14 asked of the training loop and the data: sources without engagement columns, vectorized
+batches, validation model selection (best.pt, early stopping), the non-finite guard, the SASRec baseline's
+early stopping and cache, recipes and popularity-ordered collision codes."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from onerec_fast.data import BatchConfig, UserSequenceDataset, collate_user_batch
+from onerec_fast.data.sequences import load_sequences
+from onerec_fast.train import evaluate as evaluate_mod
+from onerec_fast.train.baselines import SASRecConfig, train_sasrec
+from onerec_fast.train.checkpoint import load_checkpoint
+from onerec_fast.train.cli_common import model_from_checkpoint
+from onerec_fast.train.pretrain import NonFiniteTrainingError, TrainConfig, Trainer, plot_metrics
+from onerec_fast.train.recipe import SMALL_MAX_INTERACTIONS, choose_recipe, steps_for_epochs
+from onerec_fast.tokenizer import disambiguate
+from tests.model_world import make_model, one_thread, world  # noqa: F401 (fixtures)
+
+
+def _assert_same(a, b, path="batch"):
+    if isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and torch.equal(a, b), path
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for k in a:
+            _assert_same(a[k], b[k], f"{path}.{k}")
+    elif hasattr(a, "__dataclass_fields__"):
+        for k in a.__dataclass_fields__:
+            _assert_same(getattr(a, k), getattr(b, k), f"{path}.{k}")
+    else:
+        assert a == b, path
+
+
+def _sequence_file(tmp_path, users=40, items=30, seed=0):
+    """The format of ../shared/data/amazon-sports/sequences.txt: ``user item item ...`` per line."""
+    rng = np.random.default_rng(seed)
+    lines = [" ".join(map(str, [u + 1, *rng.integers(1, items + 1, rng.integers(5, 15))])) for u in range(users)]
+    path = tmp_path / "sequences.txt"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_sequence_file_without_engagement_trains(tmp_path):
+    log = load_sequences(_sequence_file(tmp_path))
+    assert log.engagement == {}
+    codes = torch.tensor(np.stack([np.arange(log.num_items) // 8, np.arange(log.num_items) % 8], 1))
+    ds = UserSequenceDataset(log, codes, "train", config=BatchConfig(short_len=5, positive_len=8, lifelong_len=32))
+    assert len(ds) == int((np.diff(log.user_offsets()) - 3).sum())  # positions 1 .. n-3 of every user
+    batch = ds.batch(np.arange(8))
+    assert batch.positive.item.numel() == batch.lifelong.item.numel()  # every interaction is positive
+    model = make_model(ds, codes, num_queries=2, dropout=0.1)
+    trainer = Trainer(model, ds, TrainConfig(steps=3, batch_size=8, warmup_steps=1), show_progress=False)
+    assert all(math.isfinite(v) for _, v in trainer.train())
+
+
+@pytest.mark.parametrize("lifelong_len", [64, 12])  # 12: some histories take the compression path
+def test_vectorized_batch_equals_collate(world, lifelong_len):
+    log, codes, _, _ = world
+    emb = torch.randn(log.num_items, 6, generator=torch.Generator().manual_seed(0))
+    for split in ("train", "valid", "test"):
+        ds = UserSequenceDataset(log, codes, split, item_emb=emb,
+                                 config=BatchConfig(short_len=5, positive_len=8, lifelong_len=lifelong_len))
+        idx = np.random.default_rng(1).permutation(len(ds))[:11]
+        _assert_same(ds.batch(idx), collate_user_batch([ds[i] for i in idx]))
+    with pytest.raises(ValueError, match="non-empty"):
+        ds.batch([])
+
+
+def _scripted_eval(values):
+    """An eval_fn returning ``values`` in turn (the validation NDCG@10 of each evaluation)."""
+    it = iter(values)
+
+    def eval_fn(model):
+        v = next(it)
+        return {"recall@10": 2 * v, "ndcg@10": v}
+
+    return eval_fn
+
+
+def test_best_checkpoint_and_early_stopping(world, tmp_path):
+    _, codes, ds, _ = world
+    cfg = TrainConfig(steps=40, batch_size=4, warmup_steps=1, log_every=2, eval_every=2, patience=2)
+    trainer = Trainer(make_model(ds, codes), ds, cfg, out_dir=tmp_path, show_progress=False,
+                      eval_fn=_scripted_eval([0.1, 0.3, 0.2, 0.25, 0.9]))
+    trainer.train()
+    assert trainer.step == 8  # evaluations at 2, 4 (best), 6, 8: two without improvement
+    assert trainer.selection == {"best": 0.3, "best_step": 4, "since_best": 2}
+    best = load_checkpoint(tmp_path / "best.pt")
+    assert best["schedule"]["step"] == 4 and best["selection"]["best"] == 0.3
+    assert model_from_checkpoint(best) is not None  # evaluate can load it
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "valid_ndcg@10" in r] == [2, 4, 6, 8]
+    assert "valid" not in (tmp_path / "metrics.csv").read_text()  # the CSV holds the training windows
+    assert "plot" in plot_metrics(tmp_path / "metrics.jsonl", tmp_path / "loss.png")
+    # a resumed run knows it stopped, and keeps the selection
+    again = Trainer(make_model(ds, codes), ds, cfg, out_dir=tmp_path, show_progress=False,
+                    eval_fn=_scripted_eval([1.0]))
+    again.resume(tmp_path / "checkpoint.pt")
+    assert again.selection["best_step"] == 4 and again.train() == [] and again.step == 8
+
+
+def test_resume_drops_metric_rows_after_the_checkpoint(world, tmp_path):
+    _, codes, ds, _ = world
+    cfg = TrainConfig(steps=8, batch_size=4, warmup_steps=1, log_every=2, ckpt_every=4)
+    first = Trainer(make_model(ds, codes), ds, cfg, out_dir=tmp_path, show_progress=False)
+    log = first._log
+
+    def killed_after_step_6(row):  # the process dies after logging step 6, before its next checkpoint
+        log(row)
+        if row["step"] == 6:
+            raise KeyboardInterrupt
+
+    first._log = killed_after_step_6
+    with pytest.raises(KeyboardInterrupt):
+        first.train()
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["schedule"]["step"] == 4
+    resumed = Trainer(make_model(ds, codes), ds, cfg, out_dir=tmp_path, show_progress=False)
+    resumed.resume(tmp_path / "checkpoint.pt")
+    resumed.train()
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    csv_steps = [int(float(line.split(",")[0])) for line in (tmp_path / "metrics.csv").read_text().splitlines()[1:]]
+    assert steps == csv_steps == [2, 4, 6, 8]
+
+
+def test_non_finite_loss_stops_and_keeps_the_good_checkpoint(world, tmp_path):
+    _, codes, ds, _ = world
+    model = make_model(ds, codes)
+    forward = model.forward
+    calls = {"n": 0}
+
+    def poisoned(batch):  # the 6th step's loss is NaN
+        calls["n"] += 1
+        loss = forward(batch)
+        return loss * float("nan") if calls["n"] == 6 else loss
+
+    model.forward = poisoned
+    cfg = TrainConfig(steps=20, batch_size=4, warmup_steps=1, log_every=3, ckpt_every=2)
+    trainer = Trainer(model, ds, cfg, out_dir=tmp_path, show_progress=False)
+    with pytest.raises(NonFiniteTrainingError, match="at step 6"):
+        trainer.train()
+    ck = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert ck["schedule"]["step"] == 4  # the save at step 6 was refused
+    assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
+    with pytest.raises(NonFiniteTrainingError):
+        trainer.save()
+    # a diverged checkpoint is refused by evaluate/generate
+    bad = dict(ck, model={k: v.clone() for k, v in ck["model"].items()})
+    next(v for v in bad["model"].values() if v.is_floating_point()).fill_(float("nan"))
+    with pytest.raises(ValueError, match="not finite"):
+        model_from_checkpoint(bad)
+
+
+def test_sasrec_early_stops_on_validation_and_is_cached(world, monkeypatch, capsys):
+    log = world[0]
+    model = train_sasrec(log, SASRecConfig(epochs=30, patience=2, d_model=16, max_len=10), show_progress=False)
+    sel = model.selection
+    assert 1 <= sel["epoch"] <= 30 and 0 <= sel["ndcg@10"] <= sel["recall@10"] <= 1
+    cfg = SASRecConfig(epochs=2, d_model=16, max_len=10)
+    first = evaluate_mod.sasrec_metrics(log, cfg, show_progress=False)
+    assert "training on the same split" in capsys.readouterr().out
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the cached result should have been used")
+
+    monkeypatch.setattr("onerec_fast.train.baselines.train_sasrec", no_training)
+    assert evaluate_mod.sasrec_metrics(log, cfg, show_progress=False) == first
+    assert "cached result" in capsys.readouterr().out
+    with pytest.raises(AssertionError, match="cached"):  # another split or config is another entry
+        evaluate_mod.sasrec_metrics(log, cfg, split="valid", show_progress=False)
+
+
+def test_recipes():
+    assert choose_recipe("auto", 296_337).name == "small"
+    assert choose_recipe("auto", SMALL_MAX_INTERACTIONS + 1).name == "tr"
+    with pytest.raises(ValueError, match="recipe"):
+        choose_recipe("huge", 10)
+    assert steps_for_epochs(2, 1000, 256) == 8 and steps_for_epochs(0.001, 10, 256) == 1
+
+
+def test_collision_codes_follow_popularity():
+    codes = torch.tensor([[0, 1], [0, 1], [2, 2], [0, 1], [2, 2]])
+    assert disambiguate(codes)[:, 2].tolist() == [0, 1, 0, 2, 1]  # item order
+    popularity = torch.tensor([5, 1, 3, 9, 4])
+    assert disambiguate(codes, -popularity)[:, 2].tolist() == [1, 2, 1, 0, 0]  # most popular first
+    with pytest.raises(ValueError, match="rank"):
+        disambiguate(codes, popularity[:3])
