@@ -3,7 +3,8 @@
 Drop-in for the FFN of a transformer block: ``forward(x: [..., d]) -> [..., d]``. The experts run as
 Triton grouped GEMMs on CUDA (``backend="auto"``), the plain-PyTorch reference on CPU. Load balancing
 either loss-free (DeepSeek-V3: ``router="sigmoid"`` + :meth:`MoELayer.update_expert_bias`) or with the
-Switch aux loss and the z-loss (:meth:`MoELayer.aux_loss`, added to the loss by the trainer).
+Switch aux loss and the z-loss (:meth:`MoELayer.aux_loss`, added to the loss by the trainer;
+:class:`MoEAuxLoss` sums them over several forwards, e.g. the micro-batches of gradient accumulation).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from torch import nn
 from onerec_fast.ops.moe import moe_ffn
 from onerec_fast.ops.moe_routing import MoERouting, moe_aux_loss, moe_z_loss
 
-__all__ = ["MoELayer", "MoEStats"]
+__all__ = ["MoEAuxLoss", "MoELayer", "MoEStats"]
 
 
 def check_state_dict(state_dict: Mapping[str, torch.Tensor], want: Mapping[str, tuple[int, ...]], *, strict: bool,
@@ -44,6 +45,32 @@ class MoEStats(NamedTuple):
     aux_loss: torch.Tensor  # 0-d fp32 Switch load-balancing loss (unweighted, differentiable)
     z_loss: torch.Tensor  # 0-d fp32 router z-loss (unweighted, differentiable)
     routing: MoERouting  # everything the router produced (ids, gate weights, permutation)
+
+
+def _in_backward() -> bool:
+    """True while the autograd engine runs a backward: a forward there is activation checkpointing's
+    recompute (reentrant or not), whose routing the original forward already counted."""
+    # torch.utils.checkpoint asks the engine the same way; under torch.compile no backward runs a forward.
+    return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
+
+
+class _ForwardRecord:
+    """The routing of a layer's last forward, kept for :attr:`MoELayer.last_stats` and
+    :meth:`MoELayer.aux_loss`. Its tensors carry the forward's autograd graph, so they are not state:
+    a deep copy (``copy.deepcopy``, ``AveragedModel``, EMA) or a pickle of the layer gets an empty record
+    (``copy.deepcopy`` refuses tensors with a ``grad_fn``), and ``state_dict`` never sees it."""
+
+    __slots__ = ("routing", "num_tokens")
+
+    def __init__(self) -> None:
+        self.routing: MoERouting | None = None
+        self.num_tokens = 0
+
+    def __deepcopy__(self, memo) -> _ForwardRecord:
+        return _ForwardRecord()
+
+    def __reduce__(self):
+        return _ForwardRecord, ()
 
 
 class MoELayer(nn.Module):
@@ -86,7 +113,7 @@ class MoELayer(nn.Module):
         # Pairs routed to each expert by the training forwards since the last update_expert_bias.
         self.register_buffer("load_since_update", torch.zeros(num_experts, dtype=torch.int64, device=device),
                              persistent=False)
-        self._last: tuple[MoERouting, int] | None = None  # routing and token count of the last forward
+        self._record = _ForwardRecord()
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -113,9 +140,10 @@ class MoELayer(nn.Module):
         # .float(): Module.to(bfloat16) casts buffers too; selection wants the fp32 bias
         bias = self.expert_bias.float() if self.router_type == "sigmoid" else None
         out, routing = self._ffn(x2, *weights, bias)
-        self._last = (routing, x2.shape[0])
-        if self.training:
-            self.load_since_update.add_(routing.expert_counts)
+        if not _in_backward():
+            self._record.routing, self._record.num_tokens = routing, x2.shape[0]
+            if self.training:
+                self.load_since_update.add_(routing.expert_counts)
         return out.reshape(x.shape)
 
     @property
@@ -135,14 +163,18 @@ class MoELayer(nn.Module):
     def last_stats(self) -> MoEStats | None:
         """:class:`MoEStats` of the last forward (None before any); the losses are computed on access, so
         a forward that nobody asks about pays nothing for them."""
-        if self._last is None:
+        routing, T = self._record.routing, self._record.num_tokens
+        if routing is None:
             return None
-        routing, T = self._last
         return MoEStats(routing.expert_counts, moe_aux_loss(routing, T, self.top_k), moe_z_loss(routing, T), routing)
 
     def aux_loss(self) -> torch.Tensor:
-        """``aux_loss_coef * aux + z_loss_coef * z`` of the last forward (0-d, differentiable); 0 before any."""
-        if self._last is None or (self.aux_loss_coef == 0.0 and self.z_loss_coef == 0.0):
+        """``aux_loss_coef * aux + z_loss_coef * z`` of the last forward (0-d, differentiable); 0 before any.
+
+        Not counted again by activation checkpointing's recompute. Under reentrant checkpointing the first
+        forward runs without grad, so this has no gradient there (use ``use_reentrant=False``). Several
+        forwards before one backward (gradient accumulation, a layer run twice): :class:`MoEAuxLoss`."""
+        if self._record.routing is None or (self.aux_loss_coef == 0.0 and self.z_loss_coef == 0.0):
             return self.expert_bias.new_zeros(())
         st = self.last_stats
         return self.aux_loss_coef * st.aux_loss + self.z_loss_coef * st.z_loss
@@ -192,3 +224,49 @@ class MoELayer(nn.Module):
         Shared experts and grouped routing are not part of this layer. Returns self."""
         self._load_layout(state_dict, prefix, ("gate_proj", "up_proj", "down_proj"), strict)
         return self
+
+
+class MoEAuxLoss:
+    """Sums the weighted aux losses (:meth:`MoELayer.aux_loss`) of every training forward of the
+    ``MoELayer`` modules in ``model`` while entered; :meth:`pop` hands the sum over and starts again.
+
+    Where :meth:`MoELayer.aux_loss` sees only a layer's last forward, this sees all of them: a layer run
+    several times per step, or all micro-batches of gradient accumulation when their losses go into one
+    backward. With one backward per micro-batch, add ``pop()`` to each::
+
+        with MoEAuxLoss(model) as aux:
+            for micro in micro_batches:                    # N micro-batches, one optimizer step
+                loss = task_loss(model(micro)) + aux.pop()
+                (loss / N).backward()
+            opt.step()
+
+    Forwards in eval mode, without grad, or recomputed by activation checkpointing add nothing. The
+    terms live here, not on the layers, so the layers stay deep-copyable; leave the ``with`` block or
+    ``pop()`` so the graphs they hold are freed.
+    """
+
+    def __init__(self, model: nn.Module):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        self.layers = [m for m in model.modules() if isinstance(m, MoELayer)]
+        self._terms: list[torch.Tensor] = []
+        self._hooks: list = []
+
+    def _hook(self, layer: MoELayer, args, out) -> None:
+        if layer.training and torch.is_grad_enabled() and not _in_backward():
+            self._terms.append(layer.aux_loss())
+
+    def __enter__(self) -> MoEAuxLoss:
+        self._hooks = [m.register_forward_hook(self._hook) for m in self.layers]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks, self._terms = [], []
+
+    def pop(self) -> torch.Tensor:
+        """Sum (0-d fp32, differentiable) of the weighted aux losses since the last ``pop``; 0 if none."""
+        total = torch.stack(self._terms).sum() if self._terms else torch.zeros(())
+        self._terms = []
+        return total
