@@ -17,7 +17,7 @@ from onerec_fast.decoding import (
 from onerec_fast.modules import MoEAuxLoss, MoELayer, MoEStats, QFormer, QFormerCrossAttention
 from onerec_fast.ops.beam_step import beam_step, beam_step_ref
 from onerec_fast.ops.lm_head import constrained_lm_head, constrained_lm_head_beam_step
-from onerec_fast.ops.moe import moe_ffn, moe_ffn_ref
+from onerec_fast.ops.moe import moe_experts, moe_experts_ref, moe_ffn, moe_ffn_ref
 from onerec_fast.ops.moe_routing import moe_route, moe_route_ref
 from onerec_fast.ops.varlen_attention import (
     beam_shared_cross_attention,
@@ -45,6 +45,8 @@ __all__ = [
     "constrained_beam_search_ref",
     "constrained_lm_head",
     "constrained_lm_head_beam_step",
+    "moe_experts",
+    "moe_experts_ref",
     "moe_ffn",
     "moe_ffn_ref",
     "moe_route",

@@ -338,7 +338,17 @@ def test_layer_loads_common_layouts(layout):
     with pytest.raises(KeyError, match="lacks"):
         load({k: v for k, v in sd.items() if "experts.3" not in k}, prefix="mlp.")
     with pytest.raises(KeyError, match="unexpected"):
-        load({**sd, "mlp.shared_expert.weight": torch.zeros(1)}, prefix="mlp.")
+        load({**sd, "mlp.extra.weight": torch.zeros(1)}, prefix="mlp.")
+    for strict in (True, False):  # a dropped shared expert would silently change the output
+        with pytest.raises(ValueError, match="shared expert"):
+            load({**sd, "mlp.shared_expert.up_proj.weight": torch.zeros(1)}, prefix="mlp.", strict=strict)
+    # back out in the same per-expert layout, and through the fused transformers 5 layout
+    out = layer.hf_state_dict(layout, prefix="mlp.")
+    assert all(torch.equal(out[k], sd[k]) for k in out) and len(out) == len(sd) - 1
+    twin = MoELayer(16, 20, 6, 2, norm_topk=norm, backend="reference", dtype=torch.float64)
+    load(layer.hf_state_dict("fused", prefix="model.layers.0.mlp."), prefix="model.layers.0.block_sparse_moe.")
+    twin.load_mixtral_state_dict(layer.hf_state_dict("fused"))
+    assert all(torch.equal(a, b) for a, b in zip(twin.state_dict().values(), layer.state_dict().values()))
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])

@@ -189,41 +189,102 @@ class MoELayer(nn.Module):
         self.load_since_update.zero_()
 
     # ----------------------------------------------------------------------------------------------
-    # Loading from the common MoE block layouts
+    # The common MoE block layouts, in and out: per-expert nn.Linear weights (transformers 4.x files,
+    # Mixtral's ``w1/w3/w2`` or Qwen/DeepSeek's ``gate/up/down_proj``) or fused 3-D experts (transformers
+    # 5: ``experts.gate_up_proj [E, 2f, d]`` = [gate; up], ``experts.down_proj [E, d, f]``).
+
+    def _resolve_prefix(self, state_dict: Mapping[str, torch.Tensor], prefix: str) -> str:
+        """``prefix``, or its Mixtral twin when only that one is there: transformers 5 names the live block
+        ``mlp.`` where files (and transformers 4) say ``block_sparse_moe.``."""
+        if f"{prefix}gate.weight" in state_dict:
+            return prefix
+        for a, b in (("block_sparse_moe.", "mlp."), ("mlp.", "block_sparse_moe.")):
+            if prefix.endswith(a) and f"{prefix[:-len(a)]}{b}gate.weight" in state_dict:
+                return prefix[:-len(a)] + b
+        return prefix
 
     def _load_layout(self, state_dict: Mapping[str, torch.Tensor], prefix: str, names: tuple[str, str, str],
                      strict: bool) -> None:
         E, d, f = self.num_experts, self.d_model, self.d_ff
+        prefix = self._resolve_prefix(state_dict, prefix)
+        shared = sorted({k[len(prefix):].split(".")[0] for k in state_dict
+                         if k.startswith(prefix) and k[len(prefix):].startswith("shared_expert")})
+        if shared:
+            # strict=False would drop it and the output would silently lose a term.
+            raise ValueError(f"state_dict has a shared expert under {prefix!r} ({', '.join(shared)}): MoELayer "
+                             "holds the routed experts only; keep the shared expert beside it (see "
+                             "onerec_fast.integrations.transformers) or remove its keys before loading")
         want = {f"{prefix}gate.weight": (E, d)}
-        for i in range(E):
-            for n, shape in zip(names, ((f, d), (f, d), (d, f))):
-                want[f"{prefix}experts.{i}.{n}.weight"] = shape
+        fused = f"{prefix}experts.gate_up_proj" in state_dict
+        if fused:
+            want[f"{prefix}experts.gate_up_proj"] = (E, 2 * f, d)
+            want[f"{prefix}experts.down_proj"] = (E, d, f)
+        else:
+            for i in range(E):
+                for n, shape in zip(names, ((f, d), (f, d), (d, f))):
+                    want[f"{prefix}experts.{i}.{n}.weight"] = shape
         bias_key = f"{prefix}gate.e_score_correction_bias"  # DeepSeek-V3's loss-free balancing bias
         check_state_dict(state_dict, want, strict=strict, prefix=prefix, optional=(bias_key,))
+        e = self.local_experts
         with torch.no_grad():
             self.router.weight.copy_(state_dict[f"{prefix}gate.weight"])
-            for i, e in enumerate(self.local_experts):
-                # nn.Linear stores [out, in]; the experts here are [in, out].
-                for dst, n in zip((self.w1, self.w3, self.w2), names):
-                    dst[i].copy_(state_dict[f"{prefix}experts.{e}.{n}.weight"].t())
+            if fused:
+                gate_up = state_dict[f"{prefix}experts.gate_up_proj"][e.start:e.stop]
+                self.w1.copy_(gate_up[:, :f].transpose(1, 2))
+                self.w3.copy_(gate_up[:, f:].transpose(1, 2))
+                self.w2.copy_(state_dict[f"{prefix}experts.down_proj"][e.start:e.stop].transpose(1, 2))
+            else:
+                for i, g in enumerate(e):
+                    # nn.Linear stores [out, in]; the experts here are [in, out].
+                    for dst, n in zip((self.w1, self.w3, self.w2), names):
+                        dst[i].copy_(state_dict[f"{prefix}experts.{g}.{n}.weight"].t())
             if bias_key in state_dict:
                 self.expert_bias.copy_(state_dict[bias_key])
 
     def load_mixtral_state_dict(self, state_dict: Mapping[str, torch.Tensor], prefix: str = "",
                                 strict: bool = True) -> MoELayer:
-        """Load a Mixtral-style block: ``gate.weight [E, d]``, ``experts.{i}.w1/w3.weight [f, d]``,
-        ``experts.{i}.w2.weight [d, f]`` (expert: ``w2(silu(w1(x)) * w3(x))``). Returns self."""
+        """Load a Mixtral block: ``gate.weight [E, d]`` and either ``experts.{i}.w1/w3.weight [f, d]``,
+        ``experts.{i}.w2.weight [d, f]`` (expert: ``w2(silu(w1(x)) * w3(x))``) or the fused
+        ``experts.gate_up_proj [E, 2f, d]``, ``experts.down_proj [E, d, f]`` of transformers 5. A prefix
+        ending in ``block_sparse_moe.`` also finds the live transformers 5 ``mlp.`` (and the reverse).
+        A shared expert under ``prefix`` raises ValueError, whatever ``strict``. Returns self."""
         self._load_layout(state_dict, prefix, ("w1", "w3", "w2"), strict)
         return self
 
     def load_qwen_state_dict(self, state_dict: Mapping[str, torch.Tensor], prefix: str = "",
                              strict: bool = True) -> MoELayer:
-        """Load a Qwen-MoE / DeepSeek-style block: ``gate.weight [E, d]``,
+        """Load a Qwen-MoE / DeepSeek-style block: ``gate.weight [E, d]`` and either
         ``experts.{i}.gate_proj/up_proj.weight [f, d]``, ``experts.{i}.down_proj.weight [d, f]`` (expert:
-        ``down(silu(gate(x)) * up(x))``), and DeepSeek-V3's ``gate.e_score_correction_bias`` if present.
-        Shared experts and grouped routing are not part of this layer. Returns self."""
+        ``down(silu(gate(x)) * up(x))``) or the fused transformers 5 experts (see
+        :meth:`load_mixtral_state_dict`), and DeepSeek-V3's ``gate.e_score_correction_bias`` if present.
+        Shared experts are not part of this layer: their keys raise ValueError, whatever ``strict``
+        (``onerec_fast.integrations.transformers`` keeps them). Check the routing conventions
+        (``norm_topk`` against ``norm_topk_prob``...) with ``integrations.transformers.check_config``.
+        Returns self."""
         self._load_layout(state_dict, prefix, ("gate_proj", "up_proj", "down_proj"), strict)
         return self
+
+    def hf_state_dict(self, layout: str = "fused", prefix: str = "") -> dict[str, torch.Tensor]:
+        """This layer's weights in a Hugging Face block layout (new contiguous tensors), the inverse of the
+        loaders: ``layout`` "fused" (transformers 5: ``experts.gate_up_proj [E, 2f, d]``,
+        ``experts.down_proj [E, d, f]``), "mixtral" (``experts.{i}.w1/w3/w2.weight``) or "qwen"
+        (``experts.{i}.gate_proj/up_proj/down_proj.weight``); plus ``gate.weight [E, d]`` and, for a sigmoid
+        router, ``gate.e_score_correction_bias [E]``. Keys of the experts this module holds."""
+        layouts = {"fused": None, "mixtral": ("w1", "w3", "w2"), "qwen": ("gate_proj", "up_proj", "down_proj")}
+        if layout not in layouts:
+            raise ValueError(f"layout must be one of {tuple(layouts)}, got {layout!r}")
+        w1, w3, w2 = (w.detach() for w in (self.w1, self.w3, self.w2))
+        out = {f"{prefix}gate.weight": self.router.weight.detach().clone()}
+        if layout == "fused":
+            out[f"{prefix}experts.gate_up_proj"] = torch.cat([w1, w3], dim=2).transpose(1, 2).contiguous()
+            out[f"{prefix}experts.down_proj"] = w2.transpose(1, 2).contiguous()
+        else:
+            for i, g in enumerate(self.local_experts):
+                for w, n in zip((w1, w3, w2), layouts[layout]):
+                    out[f"{prefix}experts.{g}.{n}.weight"] = w[i].t().contiguous()
+        if self.router_type == "sigmoid":
+            out[f"{prefix}gate.e_score_correction_bias"] = self.expert_bias.detach().clone()
+        return out
 
 
 class MoEAuxLoss:
