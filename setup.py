@@ -75,7 +75,7 @@ setup(
     packages=packages,
     # Triton kernels live in the top-level kernels/ folder and ship as onerec_fast.kernels.
     package_dir={"onerec_fast.kernels": "kernels"},
-    package_data={"onerec_fast": ["perf/configs/*.json"], "onerec_fast.kernels": ["configs/*.json"]},
+    package_data={"onerec_fast": ["py.typed"], "onerec_fast.kernels": ["configs/*.json"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

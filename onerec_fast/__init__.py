@@ -14,10 +14,10 @@ from onerec_fast.decoding import (
     constrained_beam_search,
     constrained_beam_search_ref,
 )
-from onerec_fast.modules import MoELayer, MoEStats, QFormer, QFormerCrossAttention
+from onerec_fast.modules import MoEAuxLoss, MoELayer, MoEStats, QFormer, QFormerCrossAttention
 from onerec_fast.ops.beam_step import beam_step, beam_step_ref
 from onerec_fast.ops.lm_head import constrained_lm_head, constrained_lm_head_beam_step
-from onerec_fast.ops.moe import moe_ffn, moe_ffn_ref
+from onerec_fast.ops.moe import moe_experts, moe_experts_ref, moe_ffn, moe_ffn_ref
 from onerec_fast.ops.moe_routing import moe_route, moe_route_ref
 from onerec_fast.ops.varlen_attention import (
     beam_shared_cross_attention,
@@ -31,6 +31,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BeamSearchResult",
     "BeamSearchState",
+    "MoEAuxLoss",
     "MoELayer",
     "MoEStats",
     "QFormer",
@@ -44,6 +45,8 @@ __all__ = [
     "constrained_beam_search_ref",
     "constrained_lm_head",
     "constrained_lm_head_beam_step",
+    "moe_experts",
+    "moe_experts_ref",
     "moe_ffn",
     "moe_ffn_ref",
     "moe_route",

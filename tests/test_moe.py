@@ -8,7 +8,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from onerec_fast.backends import resolve_backend
-from onerec_fast.modules import MoELayer
+import copy
+
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.utils.checkpoint import checkpoint
+
+from onerec_fast.modules import MoEAuxLoss, MoELayer
 from onerec_fast.ops.moe import moe_backends, moe_ffn, moe_ffn_ref
 from onerec_fast.ops.moe_routing import moe_aux_loss, moe_z_loss
 from tests.helpers import DEVICES, TOL, TRITON_DEVICES, rel_err, requires_cuda, skip_unless_runs, tol
@@ -238,6 +243,61 @@ def test_layer_stats_losses_and_bias_update():
     layer.to(torch.bfloat16)(x.bfloat16())  # a bf16 cast of the whole module keeps working
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_layer_deepcopies_and_averages_after_a_training_forward(backend):
+    skip_unless_runs(backend, "cpu")
+    torch.manual_seed(3)
+    layer = MoELayer(8, 12, 4, 2, aux_loss_coef=0.1, backend=backend)
+    x = torch.randn(2, 5, 8, requires_grad=True)
+    (layer(x).square().sum() + layer.aux_loss()).backward()
+    twin = copy.deepcopy(layer)  # the last forward's routing carries its graph: not copied
+    assert twin.last_stats is None and layer.last_stats is not None
+    assert torch.equal(twin(x), layer(x))
+    ema = AveragedModel(layer, multi_avg_fn=get_ema_multi_avg_fn(0.9))
+    swa = AveragedModel(layer)
+    for step in range(2):
+        layer(x).sum().backward()  # a training forward between updates, as in a training loop
+        with torch.no_grad():
+            layer.w1.add_(1.0)
+        ema.update_parameters(layer)
+        swa.update_parameters(layer)
+    assert torch.allclose(ema.module.w1, layer.w1 - 0.9)  # first update copies, second: 0.9 old + 0.1 new
+    assert torch.allclose(swa.module.w1, layer.w1 - 0.5)  # the mean of the two
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_layer_checkpoint_recompute_counts_load_once(reentrant):
+    torch.manual_seed(4)
+    layer = MoELayer(8, 12, 4, 2, aux_loss_coef=0.1)
+    x = torch.randn(3, 8, requires_grad=True)
+    checkpoint(layer, x, use_reentrant=reentrant).sum().backward()
+    counts = layer.last_stats.tokens_per_expert
+    assert counts.sum() == 3 * 2 and torch.equal(layer.load_since_update, counts.long())
+
+
+def test_aux_loss_accumulates_over_forwards():
+    torch.manual_seed(5)
+    model = nn.Sequential(MoELayer(8, 12, 4, 2, aux_loss_coef=0.1, z_loss_coef=0.01), nn.Linear(8, 8),
+                          MoELayer(8, 12, 4, 2, aux_loss_coef=0.1))
+    micro = [torch.randn(4, 8) for _ in range(3)]
+    want = []
+    for m in micro:
+        model(m)
+        want.append(sum(layer.aux_loss() for layer in (model[0], model[2])))
+    with MoEAuxLoss(model) as aux:
+        assert aux.pop().item() == 0.0
+        for m in micro:
+            model(m)
+        got = aux.pop()
+        assert torch.allclose(got, sum(want)) and got.requires_grad
+        model.eval()
+        model(micro[0])  # eval forwards add nothing
+        assert aux.pop().item() == 0.0
+    model.train()
+    model(micro[0])
+    assert not aux._terms  # hooks removed on exit
+
+
 class MixtralBlock(nn.Module):
     """Mixtral's sparse MoE block written directly: softmax router, top-k, renormalise, per-expert loop."""
 
@@ -278,7 +338,17 @@ def test_layer_loads_common_layouts(layout):
     with pytest.raises(KeyError, match="lacks"):
         load({k: v for k, v in sd.items() if "experts.3" not in k}, prefix="mlp.")
     with pytest.raises(KeyError, match="unexpected"):
-        load({**sd, "mlp.shared_expert.weight": torch.zeros(1)}, prefix="mlp.")
+        load({**sd, "mlp.extra.weight": torch.zeros(1)}, prefix="mlp.")
+    for strict in (True, False):  # a dropped shared expert would silently change the output
+        with pytest.raises(ValueError, match="shared expert"):
+            load({**sd, "mlp.shared_expert.up_proj.weight": torch.zeros(1)}, prefix="mlp.", strict=strict)
+    # back out in the same per-expert layout, and through the fused transformers 5 layout
+    out = layer.hf_state_dict(layout, prefix="mlp.")
+    assert all(torch.equal(out[k], sd[k]) for k in out) and len(out) == len(sd) - 1
+    twin = MoELayer(16, 20, 6, 2, norm_topk=norm, backend="reference", dtype=torch.float64)
+    load(layer.hf_state_dict("fused", prefix="model.layers.0.mlp."), prefix="model.layers.0.block_sparse_moe.")
+    twin.load_mixtral_state_dict(layer.hf_state_dict("fused"))
+    assert all(torch.equal(a, b) for a, b in zip(twin.state_dict().values(), layer.state_dict().values()))
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])

@@ -3,7 +3,8 @@
 Drop-in for the FFN of a transformer block: ``forward(x: [..., d]) -> [..., d]``. The experts run as
 Triton grouped GEMMs on CUDA (``backend="auto"``), the plain-PyTorch reference on CPU. Load balancing
 either loss-free (DeepSeek-V3: ``router="sigmoid"`` + :meth:`MoELayer.update_expert_bias`) or with the
-Switch aux loss and the z-loss (:meth:`MoELayer.aux_loss`, added to the loss by the trainer).
+Switch aux loss and the z-loss (:meth:`MoELayer.aux_loss`, added to the loss by the trainer;
+:class:`MoEAuxLoss` sums them over several forwards, e.g. the micro-batches of gradient accumulation).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from torch import nn
 from onerec_fast.ops.moe import moe_ffn
 from onerec_fast.ops.moe_routing import MoERouting, moe_aux_loss, moe_z_loss
 
-__all__ = ["MoELayer", "MoEStats"]
+__all__ = ["MoEAuxLoss", "MoELayer", "MoEStats"]
 
 
 def check_state_dict(state_dict: Mapping[str, torch.Tensor], want: Mapping[str, tuple[int, ...]], *, strict: bool,
@@ -44,6 +45,32 @@ class MoEStats(NamedTuple):
     aux_loss: torch.Tensor  # 0-d fp32 Switch load-balancing loss (unweighted, differentiable)
     z_loss: torch.Tensor  # 0-d fp32 router z-loss (unweighted, differentiable)
     routing: MoERouting  # everything the router produced (ids, gate weights, permutation)
+
+
+def _in_backward() -> bool:
+    """True while the autograd engine runs a backward: a forward there is activation checkpointing's
+    recompute (reentrant or not), whose routing the original forward already counted."""
+    # torch.utils.checkpoint asks the engine the same way; under torch.compile no backward runs a forward.
+    return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
+
+
+class _ForwardRecord:
+    """The routing of a layer's last forward, kept for :attr:`MoELayer.last_stats` and
+    :meth:`MoELayer.aux_loss`. Its tensors carry the forward's autograd graph, so they are not state:
+    a deep copy (``copy.deepcopy``, ``AveragedModel``, EMA) or a pickle of the layer gets an empty record
+    (``copy.deepcopy`` refuses tensors with a ``grad_fn``), and ``state_dict`` never sees it."""
+
+    __slots__ = ("routing", "num_tokens")
+
+    def __init__(self) -> None:
+        self.routing: MoERouting | None = None
+        self.num_tokens = 0
+
+    def __deepcopy__(self, memo) -> _ForwardRecord:
+        return _ForwardRecord()
+
+    def __reduce__(self):
+        return _ForwardRecord, ()
 
 
 class MoELayer(nn.Module):
@@ -86,7 +113,7 @@ class MoELayer(nn.Module):
         # Pairs routed to each expert by the training forwards since the last update_expert_bias.
         self.register_buffer("load_since_update", torch.zeros(num_experts, dtype=torch.int64, device=device),
                              persistent=False)
-        self._last: tuple[MoERouting, int] | None = None  # routing and token count of the last forward
+        self._record = _ForwardRecord()
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -113,9 +140,10 @@ class MoELayer(nn.Module):
         # .float(): Module.to(bfloat16) casts buffers too; selection wants the fp32 bias
         bias = self.expert_bias.float() if self.router_type == "sigmoid" else None
         out, routing = self._ffn(x2, *weights, bias)
-        self._last = (routing, x2.shape[0])
-        if self.training:
-            self.load_since_update.add_(routing.expert_counts)
+        if not _in_backward():
+            self._record.routing, self._record.num_tokens = routing, x2.shape[0]
+            if self.training:
+                self.load_since_update.add_(routing.expert_counts)
         return out.reshape(x.shape)
 
     @property
@@ -135,14 +163,18 @@ class MoELayer(nn.Module):
     def last_stats(self) -> MoEStats | None:
         """:class:`MoEStats` of the last forward (None before any); the losses are computed on access, so
         a forward that nobody asks about pays nothing for them."""
-        if self._last is None:
+        routing, T = self._record.routing, self._record.num_tokens
+        if routing is None:
             return None
-        routing, T = self._last
         return MoEStats(routing.expert_counts, moe_aux_loss(routing, T, self.top_k), moe_z_loss(routing, T), routing)
 
     def aux_loss(self) -> torch.Tensor:
-        """``aux_loss_coef * aux + z_loss_coef * z`` of the last forward (0-d, differentiable); 0 before any."""
-        if self._last is None or (self.aux_loss_coef == 0.0 and self.z_loss_coef == 0.0):
+        """``aux_loss_coef * aux + z_loss_coef * z`` of the last forward (0-d, differentiable); 0 before any.
+
+        Not counted again by activation checkpointing's recompute. Under reentrant checkpointing the first
+        forward runs without grad, so this has no gradient there (use ``use_reentrant=False``). Several
+        forwards before one backward (gradient accumulation, a layer run twice): :class:`MoEAuxLoss`."""
+        if self._record.routing is None or (self.aux_loss_coef == 0.0 and self.z_loss_coef == 0.0):
             return self.expert_bias.new_zeros(())
         st = self.last_stats
         return self.aux_loss_coef * st.aux_loss + self.z_loss_coef * st.z_loss
@@ -157,38 +189,145 @@ class MoELayer(nn.Module):
         self.load_since_update.zero_()
 
     # ----------------------------------------------------------------------------------------------
-    # Loading from the common MoE block layouts
+    # The common MoE block layouts, in and out: per-expert nn.Linear weights (transformers 4.x files,
+    # Mixtral's ``w1/w3/w2`` or Qwen/DeepSeek's ``gate/up/down_proj``) or fused 3-D experts (transformers
+    # 5: ``experts.gate_up_proj [E, 2f, d]`` = [gate; up], ``experts.down_proj [E, d, f]``).
+
+    def _resolve_prefix(self, state_dict: Mapping[str, torch.Tensor], prefix: str) -> str:
+        """``prefix``, or its Mixtral twin when only that one is there: transformers 5 names the live block
+        ``mlp.`` where files (and transformers 4) say ``block_sparse_moe.``."""
+        if f"{prefix}gate.weight" in state_dict:
+            return prefix
+        for a, b in (("block_sparse_moe.", "mlp."), ("mlp.", "block_sparse_moe.")):
+            if prefix.endswith(a) and f"{prefix[:-len(a)]}{b}gate.weight" in state_dict:
+                return prefix[:-len(a)] + b
+        return prefix
 
     def _load_layout(self, state_dict: Mapping[str, torch.Tensor], prefix: str, names: tuple[str, str, str],
                      strict: bool) -> None:
         E, d, f = self.num_experts, self.d_model, self.d_ff
+        prefix = self._resolve_prefix(state_dict, prefix)
+        shared = sorted({k[len(prefix):].split(".")[0] for k in state_dict
+                         if k.startswith(prefix) and k[len(prefix):].startswith("shared_expert")})
+        if shared:
+            # strict=False would drop it and the output would silently lose a term.
+            raise ValueError(f"state_dict has a shared expert under {prefix!r} ({', '.join(shared)}): MoELayer "
+                             "holds the routed experts only; keep the shared expert beside it (see "
+                             "onerec_fast.integrations.transformers) or remove its keys before loading")
         want = {f"{prefix}gate.weight": (E, d)}
-        for i in range(E):
-            for n, shape in zip(names, ((f, d), (f, d), (d, f))):
-                want[f"{prefix}experts.{i}.{n}.weight"] = shape
+        fused = f"{prefix}experts.gate_up_proj" in state_dict
+        if fused:
+            want[f"{prefix}experts.gate_up_proj"] = (E, 2 * f, d)
+            want[f"{prefix}experts.down_proj"] = (E, d, f)
+        else:
+            for i in range(E):
+                for n, shape in zip(names, ((f, d), (f, d), (d, f))):
+                    want[f"{prefix}experts.{i}.{n}.weight"] = shape
         bias_key = f"{prefix}gate.e_score_correction_bias"  # DeepSeek-V3's loss-free balancing bias
         check_state_dict(state_dict, want, strict=strict, prefix=prefix, optional=(bias_key,))
+        e = self.local_experts
         with torch.no_grad():
             self.router.weight.copy_(state_dict[f"{prefix}gate.weight"])
-            for i, e in enumerate(self.local_experts):
-                # nn.Linear stores [out, in]; the experts here are [in, out].
-                for dst, n in zip((self.w1, self.w3, self.w2), names):
-                    dst[i].copy_(state_dict[f"{prefix}experts.{e}.{n}.weight"].t())
+            if fused:
+                gate_up = state_dict[f"{prefix}experts.gate_up_proj"][e.start:e.stop]
+                self.w1.copy_(gate_up[:, :f].transpose(1, 2))
+                self.w3.copy_(gate_up[:, f:].transpose(1, 2))
+                self.w2.copy_(state_dict[f"{prefix}experts.down_proj"][e.start:e.stop].transpose(1, 2))
+            else:
+                for i, g in enumerate(e):
+                    # nn.Linear stores [out, in]; the experts here are [in, out].
+                    for dst, n in zip((self.w1, self.w3, self.w2), names):
+                        dst[i].copy_(state_dict[f"{prefix}experts.{g}.{n}.weight"].t())
             if bias_key in state_dict:
                 self.expert_bias.copy_(state_dict[bias_key])
 
     def load_mixtral_state_dict(self, state_dict: Mapping[str, torch.Tensor], prefix: str = "",
                                 strict: bool = True) -> MoELayer:
-        """Load a Mixtral-style block: ``gate.weight [E, d]``, ``experts.{i}.w1/w3.weight [f, d]``,
-        ``experts.{i}.w2.weight [d, f]`` (expert: ``w2(silu(w1(x)) * w3(x))``). Returns self."""
+        """Load a Mixtral block: ``gate.weight [E, d]`` and either ``experts.{i}.w1/w3.weight [f, d]``,
+        ``experts.{i}.w2.weight [d, f]`` (expert: ``w2(silu(w1(x)) * w3(x))``) or the fused
+        ``experts.gate_up_proj [E, 2f, d]``, ``experts.down_proj [E, d, f]`` of transformers 5. A prefix
+        ending in ``block_sparse_moe.`` also finds the live transformers 5 ``mlp.`` (and the reverse).
+        A shared expert under ``prefix`` raises ValueError, whatever ``strict``. Returns self."""
         self._load_layout(state_dict, prefix, ("w1", "w3", "w2"), strict)
         return self
 
     def load_qwen_state_dict(self, state_dict: Mapping[str, torch.Tensor], prefix: str = "",
                              strict: bool = True) -> MoELayer:
-        """Load a Qwen-MoE / DeepSeek-style block: ``gate.weight [E, d]``,
+        """Load a Qwen-MoE / DeepSeek-style block: ``gate.weight [E, d]`` and either
         ``experts.{i}.gate_proj/up_proj.weight [f, d]``, ``experts.{i}.down_proj.weight [d, f]`` (expert:
-        ``down(silu(gate(x)) * up(x))``), and DeepSeek-V3's ``gate.e_score_correction_bias`` if present.
-        Shared experts and grouped routing are not part of this layer. Returns self."""
+        ``down(silu(gate(x)) * up(x))``) or the fused transformers 5 experts (see
+        :meth:`load_mixtral_state_dict`), and DeepSeek-V3's ``gate.e_score_correction_bias`` if present.
+        Shared experts are not part of this layer: their keys raise ValueError, whatever ``strict``
+        (``onerec_fast.integrations.transformers`` keeps them). Check the routing conventions
+        (``norm_topk`` against ``norm_topk_prob``...) with ``integrations.transformers.check_config``.
+        Returns self."""
         self._load_layout(state_dict, prefix, ("gate_proj", "up_proj", "down_proj"), strict)
         return self
+
+    def hf_state_dict(self, layout: str = "fused", prefix: str = "") -> dict[str, torch.Tensor]:
+        """This layer's weights in a Hugging Face block layout (new contiguous tensors), the inverse of the
+        loaders: ``layout`` "fused" (transformers 5: ``experts.gate_up_proj [E, 2f, d]``,
+        ``experts.down_proj [E, d, f]``), "mixtral" (``experts.{i}.w1/w3/w2.weight``) or "qwen"
+        (``experts.{i}.gate_proj/up_proj/down_proj.weight``); plus ``gate.weight [E, d]`` and, for a sigmoid
+        router, ``gate.e_score_correction_bias [E]``. Keys of the experts this module holds."""
+        layouts = {"fused": None, "mixtral": ("w1", "w3", "w2"), "qwen": ("gate_proj", "up_proj", "down_proj")}
+        if layout not in layouts:
+            raise ValueError(f"layout must be one of {tuple(layouts)}, got {layout!r}")
+        w1, w3, w2 = (w.detach() for w in (self.w1, self.w3, self.w2))
+        out = {f"{prefix}gate.weight": self.router.weight.detach().clone()}
+        if layout == "fused":
+            out[f"{prefix}experts.gate_up_proj"] = torch.cat([w1, w3], dim=2).transpose(1, 2).contiguous()
+            out[f"{prefix}experts.down_proj"] = w2.transpose(1, 2).contiguous()
+        else:
+            for i, g in enumerate(self.local_experts):
+                for w, n in zip((w1, w3, w2), layouts[layout]):
+                    out[f"{prefix}experts.{g}.{n}.weight"] = w[i].t().contiguous()
+        if self.router_type == "sigmoid":
+            out[f"{prefix}gate.e_score_correction_bias"] = self.expert_bias.detach().clone()
+        return out
+
+
+class MoEAuxLoss:
+    """Sums the weighted aux losses (:meth:`MoELayer.aux_loss`) of every training forward of the
+    ``MoELayer`` modules in ``model`` while entered; :meth:`pop` hands the sum over and starts again.
+
+    Where :meth:`MoELayer.aux_loss` sees only a layer's last forward, this sees all of them: a layer run
+    several times per step, or all micro-batches of gradient accumulation when their losses go into one
+    backward. With one backward per micro-batch, add ``pop()`` to each::
+
+        with MoEAuxLoss(model) as aux:
+            for micro in micro_batches:                    # N micro-batches, one optimizer step
+                loss = task_loss(model(micro)) + aux.pop()
+                (loss / N).backward()
+            opt.step()
+
+    Forwards in eval mode, without grad, or recomputed by activation checkpointing add nothing. The
+    terms live here, not on the layers, so the layers stay deep-copyable; leave the ``with`` block or
+    ``pop()`` so the graphs they hold are freed.
+    """
+
+    def __init__(self, model: nn.Module):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        self.layers = [m for m in model.modules() if isinstance(m, MoELayer)]
+        self._terms: list[torch.Tensor] = []
+        self._hooks: list = []
+
+    def _hook(self, layer: MoELayer, args, out) -> None:
+        if layer.training and torch.is_grad_enabled() and not _in_backward():
+            self._terms.append(layer.aux_loss())
+
+    def __enter__(self) -> MoEAuxLoss:
+        self._hooks = [m.register_forward_hook(self._hook) for m in self.layers]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks, self._terms = [], []
+
+    def pop(self) -> torch.Tensor:
+        """Sum (0-d fp32, differentiable) of the weighted aux losses since the last ``pop``; 0 if none."""
+        total = torch.stack(self._terms).sum() if self._terms else torch.zeros(())
+        self._terms = []
+        return total

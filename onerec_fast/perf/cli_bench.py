@@ -6,9 +6,9 @@ with the Triton kernels through the interpreter, so the numbers there only show 
 
 from __future__ import annotations
 
-import os
-
 import torch
+
+from onerec_fast.cli_args import device
 
 
 def add_arguments(parser) -> None:
@@ -16,7 +16,7 @@ def add_arguments(parser) -> None:
 
     parser.add_argument("--suite", action="append", choices=SUITES,
                         help="suite to run (repeatable; default: all)")
-    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--device", type=device, default=None, help="cuda or cpu (None: cuda when available)")
     parser.add_argument("--full", action="store_true", help="full-size shapes even on CPU")
     parser.add_argument("--peak", choices=("datasheet", "measured"), default=None,
                         help="MFU against the datasheet dense peak or a measured matmul (default: datasheet on known GPUs)")
@@ -24,10 +24,8 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    # On CPU, onerec_fast.cli has set TRITON_INTERPRET before anything imported triton.
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cpu" and "TRITON_INTERPRET" not in os.environ:
-        # Must precede the first triton import: the kernels then run on CPU tensors.
-        os.environ["TRITON_INTERPRET"] = "1"
     from onerec_fast.backends import describe
     from onerec_fast.perf.harness import environment, format_table, run_suites, write_results
 
