@@ -15,6 +15,7 @@ from onerec_fast.decoding import (
     constrained_beam_search_ref,
 )
 from onerec_fast.modules import MoELayer, MoEStats, QFormer, QFormerCrossAttention
+from onerec_fast.numerics import NonFiniteWarning
 from onerec_fast.ops.beam_step import beam_step, beam_step_ref
 from onerec_fast.ops.lm_head import constrained_lm_head, constrained_lm_head_beam_step
 from onerec_fast.ops.moe import moe_ffn, moe_ffn_ref
@@ -33,6 +34,7 @@ __all__ = [
     "BeamSearchState",
     "MoELayer",
     "MoEStats",
+    "NonFiniteWarning",
     "QFormer",
     "QFormerCrossAttention",
     "SemanticIDTrie",
