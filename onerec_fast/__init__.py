@@ -15,6 +15,7 @@ from onerec_fast.decoding import (
     constrained_beam_search_ref,
 )
 from onerec_fast.modules import MoEAuxLoss, MoELayer, MoEStats, QFormer, QFormerCrossAttention
+from onerec_fast.numerics import NonFiniteWarning
 from onerec_fast.ops.beam_step import beam_step, beam_step_ref
 from onerec_fast.ops.lm_head import constrained_lm_head, constrained_lm_head_beam_step
 from onerec_fast.ops.moe import moe_experts, moe_experts_ref, moe_ffn, moe_ffn_ref
@@ -34,6 +35,7 @@ __all__ = [
     "MoEAuxLoss",
     "MoELayer",
     "MoEStats",
+    "NonFiniteWarning",
     "QFormer",
     "QFormerCrossAttention",
     "SemanticIDTrie",

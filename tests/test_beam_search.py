@@ -423,3 +423,83 @@ def test_search_is_cuda_graph_capturable(backend):
     torch.cuda.synchronize()
     for x, y in zip(captured, eager):
         assert torch.equal(x, y)
+
+
+# ----------------------------------------------------------------------------------------------
+# non-finite scores (issue 17, finding 3)
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("normalize", ["full", "valid"])
+def test_beam_step_never_returns_nan_candidates(normalize):
+    """A NaN among the logits a beam normalizes over makes its whole log-softmax NaN: the beam contributes no
+    candidate, exactly as if its logits were all -inf, and no NaN score comes out ahead of a finite one."""
+    vocab, beam = (6, 5, 4), 4
+    trie = SemanticIDTrie(random_codes(60, vocab, seed=3), vocab)
+    g = torch.Generator().manual_seed(5)
+    state = beam_step_ref(torch.randn(2 * beam, vocab[0], generator=g), torch.zeros(2 * beam, dtype=torch.int32),
+                          torch.tensor([0.0, NEG_INF, NEG_INF, NEG_INF] * 2), trie, 0, beam, normalize)
+    nodes, scores = state.nodes.view(-1), state.scores.view(-1)
+    logits = torch.randn(2 * beam, vocab[1], generator=g)
+    valid_token = int(trie.valid_mask(1, nodes)[1].nonzero()[0])
+    nan_logits, dead_logits = logits.clone(), logits.clone()
+    nan_logits[1, valid_token] = float("nan")  # one NaN in a valid child of beam 1 of row 0
+    nan_logits[beam] = float("nan")  # beam 0 of row 1: every logit NaN
+    dead_logits[[1, beam]] = NEG_INF
+    got = beam_step(nan_logits, nodes, scores, trie, 1, beam, normalize, backend="reference")
+    want = beam_step(dead_logits, nodes, scores, trie, 1, beam, normalize, backend="reference")
+    assert not torch.isnan(got.scores).any()
+    for name in got._fields:
+        assert torch.equal(getattr(got, name), getattr(want, name)), name
+
+
+def _nan_rows_decoder(decoder, rows, level):
+    """``decoder`` whose logits of batch ``rows`` are NaN at ``level``."""
+    def step(prefix):
+        out = decoder(prefix).clone()
+        if prefix.shape[-1] == level:
+            out[rows] = float("nan")
+        return out
+    return step
+
+
+@pytest.mark.parametrize("normalize", ["full", "valid"])
+def test_search_with_nan_rows_warns_once_and_keeps_the_other_rows(normalize):
+    from onerec_fast.numerics import NonFiniteWarning
+
+    vocab, b, beam = (5, 4, 3), 3, 6
+    trie = SemanticIDTrie(random_codes(40, vocab, seed=7), vocab)
+    decoder = TableDecoder(b, vocab, seed=8)
+    clean = constrained_beam_search(decoder, trie, b, beam, normalize)
+    with pytest.warns(NonFiniteWarning, match=r"1 of 3 batch rows have no finite candidate \(rows 1\)") as record:
+        got = constrained_beam_search(_nan_rows_decoder(decoder, [1], level=1), trie, b, beam, normalize)
+    assert len(record) == 1, "one warning per search"
+    assert torch.all(got.scores[1] == NEG_INF) and torch.all(got.item_ids[1] == -1) and torch.all(got.codes[1] == -1)
+    for row in (0, 2):
+        for name in got._fields:
+            assert torch.equal(getattr(got, name)[row], getattr(clean, name)[row]), (row, name)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_hidden_path_drops_nan_rows_as_the_logits_path_does(backend):
+    """NaN hidden states of one batch row: the fused LM head's selection treats them as no candidate too."""
+    from onerec_fast.numerics import NonFiniteWarning
+
+    skip_unless_runs(backend, "cpu")
+    vocab, b, beam, d = (8, 8, 8), 2, 4, 16
+    trie = SemanticIDTrie(random_codes(50, vocab, seed=9), vocab)
+    g = torch.Generator().manual_seed(10)
+    weight, table = torch.randn(8, d, generator=g), torch.randn(b, d, generator=g)
+
+    def hidden(prefix):
+        h = (table[:, None, :] + prefix.sum(-1, keepdim=True).float() / 7).expand(b, beam, d).clone()
+        h[1] = float("nan")
+        return h
+
+    with pytest.warns(NonFiniteWarning, match="rows 1"):
+        got = constrained_beam_search(None, trie, b, beam, hidden_fn=hidden, lm_head_weight=weight, backend=backend)
+    with pytest.warns(NonFiniteWarning, match="rows 1"):
+        want = constrained_beam_search_ref(lambda p: hidden(p) @ weight.T, trie, b, beam)
+    assert torch.all(got.item_ids[1] == -1) and not torch.isnan(got.scores).any()
+    assert torch.equal(got.item_ids, want.item_ids)
+    torch.testing.assert_close(got.scores, want.scores)

@@ -313,3 +313,90 @@ def test_dataset_rejects_bad_codes():
         UserSequenceDataset(log, np.zeros((3, 3), dtype=np.int64))
     with pytest.raises(ValueError, match="split"):
         UserSequenceDataset(log, np.zeros((log.num_items, 3), dtype=np.int64), "dev")
+
+
+# ----------------------------------------------------------------------------------------- every row validated
+# (issue 17, finding 4: the audit's silent misparses and raw exceptions)
+def _ratings_lines(n=12):
+    return [f"{1 + k % 2}\t{1 + k // 2 % 2}\t{1 + k % 5}\t{100 + k}" for k in range(n)]
+
+
+def test_ratings_with_compensating_field_counts_name_the_line(tmp_path):
+    """Line 10 with a 5th field and line 11 with only 3 have the right token total: the fast path used to load
+    them as one invented and one lost interaction."""
+    lines = _ratings_lines()
+    lines[9] += "\t7"
+    lines[10] = lines[10].rsplit("\t", 1)[0]
+    folder = _write_ml100k(tmp_path / "ml", "\n".join(lines) + "\n")
+    with pytest.raises(DataFormatError, match=r"u\.data:10: field 'timestamp': expected 4 '\\t'-separated fields, "
+                                              r"got 5"):
+        load_movielens(folder)
+
+
+@pytest.mark.parametrize("data,where", [
+    ("1\t1\t5\t10\n1\t2\t4\t123456789012345678901234\n", r"u\.data:2: field 'timestamp': integer 1234.* 64 bits"),
+    ("12345678901234567890123\t1\t5\t10\n", r"u\.data:1: field 'user_id': integer 1234.* 64 bits"),
+    ("1\t1\t5\t10\n1\t\t4\t11\n", r"u\.data:2: field 'item_id': expected an integer, got ''"),
+    ("1\t1\t5\t10\n1\t2\t4\tnan\n", r"u\.data:2: field 'timestamp': expected an integer, got 'nan'"),
+    ("", r"u\.data: field 'user_id': empty file"),
+    ("\n\n", r"u\.data: field 'user_id': empty file"),
+])
+def test_bad_ratings_rows_name_file_line_field(tmp_path, data, where):
+    with pytest.raises(DataFormatError, match=where):
+        load_movielens(_write_ml100k(tmp_path / "ml", data))
+
+
+def test_clean_ratings_take_the_fast_path_and_match_the_careful_parser(tmp_path):
+    from onerec_fast.data._parse import fast_int_table, read_rows, to_int
+
+    path = tmp_path / "u.data"
+    path.write_text("\n".join(_ratings_lines()) + "\n-3\t4\t5\t6")  # a negative id, no final newline
+    table = fast_int_table(path, "\t", 4)
+    careful = [[to_int(path, ln, "x", v) for v in f] for ln, f in read_rows(path, "\t", ("a", "b", "c", "d"))]
+    assert table is not None and table.tolist() == careful
+
+
+def test_invalid_utf8_names_file_line_and_field(tmp_path):
+    folder = _write_ml100k(tmp_path / "ml", "1\t1\t5\t10\n")
+    (folder / "u.data").write_bytes(b"1\t1\t5\t10\n1\t2\t4\t1\xff1\n")
+    with pytest.raises(DataFormatError, match=r"u\.data:2: field 'timestamp': not valid utf-8 \(byte 0xff"):
+        load_movielens(folder)
+    (tmp_path / "log.csv").write_bytes(b"user,item,timestamp\nu,1,5\nu\xe9,2,6\n")
+    with pytest.raises(DataFormatError, match=r"log\.csv:3: field 'user': not valid utf-8"):
+        load_interactions_table(tmp_path / "log.csv")
+    (tmp_path / "seq.txt").write_bytes(b"1 5 6\n2 7 \xc3\n")
+    with pytest.raises(DataFormatError, match=r"seq\.txt:2: field 'field 3': not valid utf-8"):
+        load_sequences(tmp_path / "seq.txt")
+
+
+@pytest.mark.parametrize("text,where", [
+    ("user,item,timestamp\nu,1,5\nu,2,nan\n", r"log\.csv:3: field 'timestamp': expected a finite number"),
+    ("user,item,timestamp\nu,1,inf\n", r"log\.csv:2: field 'timestamp': expected a finite number"),
+    ("user,item,timestamp\nu,1,1e300\n", r"log\.csv:2: field 'timestamp': timestamp 1e300 does not fit"),
+    ("user,item,timestamp,watch\nu,1,5,2.5\nu,2,6,NaN\n", r"log\.csv:3: field 'watch': expected a finite number"),
+    ("user,item,timestamp\nu,1,5\n,2,6\n", r"log\.csv:3: field 'user': empty id"),
+    ("user,item,timestamp\nu,,5\n", r"log\.csv:2: field 'item': empty id"),
+    ("user,item,timestamp\n12345678901234567890123,1,5\n", r"log\.csv:2: field 'user': integer 1234.* 64 bits"),
+    ("user,item,timestamp\nu,1,123456789012345678901234\n", r"log\.csv:2: field 'timestamp': integer .* 64 bits"),
+    ("user,item,timestamp\n", r"log\.csv: field 'user': no interactions"),
+])
+def test_bad_table_rows_name_file_line_field(tmp_path, text, where):
+    (tmp_path / "log.csv").write_text(text)
+    with pytest.raises(DataFormatError, match=where):
+        load_interactions_table(tmp_path / "log.csv")
+
+
+def test_feature_table_with_an_empty_key_names_the_line(tmp_path):
+    (tmp_path / "log.csv").write_text("user,item,timestamp\nu,1,5\n")
+    (tmp_path / "items.csv").write_text("item,author\n1,x\n,y\n")
+    with pytest.raises(DataFormatError, match=r"items\.csv:3: field 'item': empty id"):
+        load_interactions_table(tmp_path / "log.csv", item_features=tmp_path / "items.csv")
+
+
+def test_empty_and_oversized_sequence_files(tmp_path):
+    (tmp_path / "empty.txt").write_text("\n \n")
+    with pytest.raises(DataFormatError, match=r"empty\.txt: field 'line': empty file"):
+        load_sequences(tmp_path / "empty.txt")
+    (tmp_path / "big.txt").write_text("1 5\n2 12345678901234567890123\n")
+    with pytest.raises(DataFormatError, match=r"big\.txt:2: field 'item 1': integer .* 64 bits"):
+        load_sequences(tmp_path / "big.txt")

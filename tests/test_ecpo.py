@@ -176,3 +176,24 @@ def test_bad_arguments_name_the_argument():
         ecpo_loss(x, x, x, eps=0.0)
     with pytest.raises(ValueError, match="delta"):
         ecpo_loss(x, x, x, delta=-0.1)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_rewards_are_masked_with_a_warning(bad):
+    """One bad reward in a group (issue 17, finding 3): it is masked out, the rest of its group keeps the
+    advantages it has without it (unmasked, NaN used to zero the whole group)."""
+    from onerec_fast.numerics import NonFiniteWarning
+
+    B, G = 3, 5
+    logp, logp_old, rewards = _inputs(B, G, "cpu", torch.float64, seed=11)
+    rewards[1, 3] = bad
+    without = torch.ones(B, G, dtype=torch.bool)
+    without[1, 3] = False
+    with pytest.warns(NonFiniteWarning, match="1 of 15 unmasked rewards are not finite"):
+        adv = group_advantages(rewards)
+    assert torch.equal(adv, group_advantages(rewards, without)) and (adv[1] != 0).sum() == G - 1
+    logp.requires_grad_(True)
+    with pytest.warns(NonFiniteWarning):
+        loss = ecpo_loss(logp, logp_old, rewards)
+    assert torch.isfinite(loss)
+    assert float(loss.detach()) == float(ecpo_loss(logp, logp_old, rewards, mask=without).detach())

@@ -428,3 +428,36 @@ def test_new_author_mask_takes_the_latest_authors():
     # author 4 never appears (newest), then 1 (t=40), then 3 (t=30)
     assert new_author_mask(log, 0.4).tolist() == [False, True, False, False, True]
     assert new_author_mask(log, 0.6).tolist() == [False, True, False, True, True]
+
+
+def test_non_finite_loss_stops_naming_the_step_and_keeps_the_checkpoint(tmp_path, monkeypatch):
+    """Issue 17, finding 3: a NaN loss used to train on and overwrite the good checkpoint with NaN weights."""
+    from onerec_fast.rl import loop
+
+    ds, codes, pref = _tiny_world()
+    cfg = RLConfig(steps=4, users_per_round=8, group_size=4, lr=1e-3, seed=0, ckpt_every=1)
+    trainer = ECPOTrainer(_tiny_policy(ds, codes), ds, TableReward(pref), cfg, out_dir=tmp_path, show_progress=False)
+    trainer.train(1)
+    saved = trainer.checkpoint_path.read_bytes()
+    weights = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    terms = loop._policy_terms
+    monkeypatch.setattr(loop, "_policy_terms", lambda *a: tuple(t * float("nan") for t in terms(*a)))
+    with pytest.raises(FloatingPointError, match=r"ECPO step 2: non-finite loss .*the last checkpoint .* is kept"):
+        trainer.train()
+    assert trainer.step == 1 and trainer.checkpoint_path.read_bytes() == saved
+    assert all(torch.equal(v, trainer.model.state_dict()[k]) for k, v in weights.items())
+
+
+def test_checkpoint_refuses_non_finite_weights(tmp_path):
+    from onerec_fast.train.checkpoint import save_training_state
+
+    ds, codes, _ = _tiny_world()
+    model = _tiny_policy(ds, codes)
+    opt = torch.optim.AdamW(model.parameters())
+    path = save_training_state(tmp_path / "ck.pt", model, opt, {})
+    saved = path.read_bytes()
+    with torch.no_grad():
+        model.decoder.layers[0].ffn.w1[0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"not saving .*ck\.pt: parameter 'decoder\.layers\.0\.ffn\.w1' holds NaN"):
+        save_training_state(path, model, opt, {})
+    assert path.read_bytes() == saved

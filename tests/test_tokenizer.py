@@ -265,3 +265,41 @@ def test_tokenize_cli_on_synthetic(capsys, tmp_path):
     text = capsys.readouterr().out
     assert "collision rate" in text and "encode matches fit codes for 100.0%" in text
     assert RQKMeans.load(out).item_codes.shape[0] == 300
+
+
+# ----------------------------------------------------------------------------------------- bad embeddings
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_rq_kmeans_rejects_non_finite_embeddings(backend, device, bad):
+    """Issue 17, finding 3: a clear ValueError naming the row, not "invalid multinomial distribution"."""
+    emb = torch.randn(64, 8, generator=torch.Generator().manual_seed(0))
+    emb[17, 3] = bad
+    with pytest.raises(ValueError, match=r"emb must be finite: 1 of 64 rows hold NaN or inf \(first: row 17\)"):
+        RQKMeans(levels=2, codebook_size=4, backend=backend, device=device, verbose=False).fit(emb)
+    with pytest.raises(ValueError, match="x must be finite"):
+        kmeans(emb, 4, backend=backend, device=device)
+
+
+def test_rq_kmeans_rejects_zero_columns_on_both_backends():
+    """Issue 17, finding 4: D = 0 killed the process with SIGFPE under faiss (and the torch backend returned
+    codes). Run in a child process, so a crash fails this test instead of ending the test session."""
+    import subprocess
+    import sys
+
+    backends = ["torch"] + (["faiss"] if faiss_available() else [])
+    script = (
+        "import sys, torch\n"
+        "from onerec_fast.tokenizer import RQKMeans\n"
+        "for backend in sys.argv[1:]:\n"
+        "    try:\n"
+        "        RQKMeans(levels=2, codebook_size=4, backend=backend, device='cpu', verbose=False)"
+        ".fit(torch.randn(64, 0))\n"
+        "    except ValueError as e:\n"
+        "        print(backend, e)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, *backends], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, f"the fit crashed (exit {done.returncode}): {done.stderr[-2000:]}"
+    lines = done.stdout.splitlines()
+    assert len(lines) == len(backends), done.stdout
+    for backend, line in zip(backends, lines):
+        assert line == f"{backend} emb must have at least one column (D >= 1), got shape (64, 0)"

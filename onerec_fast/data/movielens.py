@@ -9,6 +9,9 @@
 
 Ids become dense (sorted raw ids -> 0..n-1, in ``item_raw_ids``/``user_raw_ids``). A rating that names a user or
 item missing from the user/item table, or any malformed field, raises :class:`DataFormatError` with file and line.
+The ratings file is read in one numpy pass only when every line is exactly 4 plain integers; any irregularity
+(a 5th field on one line and 3 on another, an empty field, an integer beyond int64, invalid UTF-8) sends it through
+the line-by-line parser, which names the line. An empty file is an error at load time.
 """
 
 from __future__ import annotations

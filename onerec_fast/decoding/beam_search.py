@@ -5,6 +5,11 @@ of the current prefixes, then one :func:`onerec_fast.ops.beam_step.beam_step` ke
 (parent beam, valid child) candidates per batch row (semantics in ``docs/TRIE_FORMAT.md``). The loop holds
 no host sync: with a capturable ``step_fn`` the whole search can be captured in a CUDA graph.
 
+Non-finite policy: a candidate whose score is NaN (NaN logits or hidden states) is no candidate, like an invalid
+code (:mod:`onerec_fast.ops.beam_step`), so it is never returned ahead of a finite one. A batch row left without
+any item (every candidate NaN or -inf) gets dead slots and one :class:`~onerec_fast.numerics.NonFiniteWarning`
+per search names such rows (one host sync after the loop; skipped while a CUDA graph is being captured).
+
 Stateful decoders (a KV cache per beam) read :class:`BeamSearchState`: ``step_fn(prefix, state)`` gets it
 when it takes a second positional parameter (or one named ``state``). ``state.parents`` says which
 previous beam each current beam extends, so the decoder reorders its cache with
@@ -14,6 +19,7 @@ previous beam each current beam extends, so the decoder reorders its cache with
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -21,6 +27,7 @@ from typing import NamedTuple
 import torch
 
 from onerec_fast.decoding.trie import SemanticIDTrie
+from onerec_fast.numerics import NonFiniteWarning
 from onerec_fast.ops.beam_step import NORMALIZE, BeamStepOutput, beam_step, beam_step_ref
 from onerec_fast.ops.lm_head import constrained_lm_head_beam_step, constrained_lm_head_beam_step_ref
 
@@ -152,8 +159,24 @@ def _search(step_fn, trie: SemanticIDTrie, batch_size: int, beam_size: int, norm
         codes[:, :, t] = res.tokens.clamp(min=0)
         scores, nodes = res.scores, res.nodes
     alive = scores > float("-inf")
+    _warn_rows_without_items(alive)
     item_ids = trie.leaf_item(nodes.view(-1)).view(b, beam)
     return BeamSearchResult(torch.where(alive[..., None], codes, -1), scores, item_ids)
+
+
+def _warn_rows_without_items(alive: torch.Tensor) -> None:
+    """One NonFiniteWarning when some rows of ``alive: bool [B, beam]`` have no live slot: a trie's every prefix
+    has children, so only NaN or -inf scores leave a row without items. Not while a CUDA graph is captured (the
+    check reads the device)."""
+    if alive.is_cuda and torch.cuda.is_current_stream_capturing():
+        return
+    dead = ~alive[:, 0]  # slot 0 is the best: dead only when the row has no item at all
+    if bool(dead.any()):
+        rows = dead.nonzero().flatten().tolist()
+        shown = ", ".join(map(str, rows[:8])) + (", ..." if len(rows) > 8 else "")
+        warnings.warn(f"constrained_beam_search: {len(rows)} of {alive.shape[0]} batch rows have no finite "
+                      f"candidate (rows {shown}): every score was NaN or -inf (non-finite logits or hidden "
+                      "states?); they get dead slots only (item -1, score -inf)", NonFiniteWarning, stacklevel=4)
 
 
 def constrained_beam_search(step_fn: Callable | None, trie: SemanticIDTrie, batch_size: int, beam_size: int,
@@ -176,7 +199,8 @@ def constrained_beam_search(step_fn: Callable | None, trie: SemanticIDTrie, batc
     path only: the Triton LM head, with the CUDA selection kernel when built).
 
     Returns :class:`BeamSearchResult` ``(codes int64 [B, beam, L], scores float32 [B, beam],
-    item_ids int64 [B, beam])``.
+    item_ids int64 [B, beam])``. NaN-scored candidates are dropped; rows left without any item get dead slots and
+    a NonFiniteWarning (module docstring).
     """
 
     def step(logits, nodes, scores, trie_, level, beam, norm):

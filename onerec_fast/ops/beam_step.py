@@ -11,6 +11,11 @@ The best ``beam`` candidates come out in descending score, ties broken by the lo
 ``b * V + c``. Slots without a finite-score candidate get score -inf, token -1, parent -1, node -1; a dead
 (-inf) parent has no candidates.
 
+Non-finite policy: a candidate whose score is NaN (a NaN logit, or under ``"full"`` any NaN among the parent's
+logits, which makes its whole log-softmax NaN; a NaN running score) is no candidate, exactly like an invalid
+token: it is never returned, so never ahead of a finite one. Both backends agree (the CUDA kernel's score key
+maps NaN to "no candidate").
+
 Backends: ``cuda`` (the fused kernel of ``csrc/beam_step/``: log-softmax, mask, top-k in one launch) and
 ``reference`` (plain PyTorch: dense mask, ``log_softmax``, exact top-k on a 64-bit (score, index) key).
 """
@@ -24,7 +29,7 @@ import torch
 from onerec_fast.backends import cuda_extension, resolve_backend
 from onerec_fast.ops._checks import check_tensor
 
-__all__ = ["BeamStepOutput", "beam_step", "beam_step_ref", "topk_lowest_index", "NORMALIZE"]
+__all__ = ["BeamStepOutput", "beam_step", "beam_step_ref", "topk_lowest_index", "drop_invalid", "NORMALIZE"]
 
 NORMALIZE = ("full", "valid")
 IMPLEMENTED = ("cuda", "reference")
@@ -56,6 +61,12 @@ def topk_lowest_index(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch
     key = (_order_key(values) << 32) | low
     idx = 0xFFFFFFFF - (key.topk(k, dim=1).values & 0xFFFFFFFF)
     return values.gather(1, idx), idx
+
+
+def drop_invalid(cand: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
+    """Candidate scores ``cand: float32 [R, n]`` with the entries that are no candidate set to -inf: those where
+    ``ok: bool [R, n]`` is False, and NaN scores (the non-finite policy in the module docstring)."""
+    return cand.masked_fill(~ok | torch.isnan(cand), float("-inf"))
 
 
 def _check_step(logits, nodes, scores, trie, level: int, beam: int, normalize: str) -> tuple[int, int]:
@@ -100,7 +111,7 @@ def beam_step_ref(logits: torch.Tensor, nodes: torch.Tensor, scores: torch.Tenso
     if normalize == "valid":
         x = x.masked_fill(~mask, float("-inf"))
     # Rows without valid children give NaN under "valid"; the mask turns them (and all invalid tokens) to -inf.
-    cand = (scores[:, None] + torch.log_softmax(x, dim=-1)).masked_fill(~mask, float("-inf"))
+    cand = drop_invalid(scores[:, None] + torch.log_softmax(x, dim=-1), mask)
     top, flat = topk_lowest_index(cand.view(b, beam * v), beam)
     dead = top == float("-inf")
     parents = torch.where(dead, -1, flat // v)

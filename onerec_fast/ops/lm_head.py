@@ -34,7 +34,7 @@ import torch
 
 from onerec_fast.backends import cuda_extension, resolve_backend
 from onerec_fast.ops._checks import FLOAT_DTYPES, check_dim, check_same, check_tensor
-from onerec_fast.ops.beam_step import NORMALIZE, BeamStepOutput, beam_step_ref, topk_lowest_index
+from onerec_fast.ops.beam_step import NORMALIZE, BeamStepOutput, beam_step_ref, drop_invalid, topk_lowest_index
 
 __all__ = [
     "LMHeadCandidates", "constrained_lm_head", "constrained_lm_head_ref", "constrained_lm_head_beam_step",
@@ -173,7 +173,7 @@ def candidates_beam_step_ref(child_logits: torch.Tensor, lse: torch.Tensor, node
     start = torch.where(live, child_start[safe], 0).long()
     count = torch.where(live, child_start[safe + 1] - child_start[safe], 0).long()
     ok = torch.arange(m, device=child_logits.device)[None, :] < count[:, None]
-    cand = ((child_logits.float() - lse.float()[:, None]) + scores[:, None]).masked_fill(~ok, float("-inf"))
+    cand = drop_invalid((child_logits.float() - lse.float()[:, None]) + scores[:, None], ok)
     top, flat = topk_lowest_index(cand.view(b, beam * m), beam)
     dead = top == float("-inf")
     parents = torch.where(dead, -1, flat // m)

@@ -14,14 +14,21 @@ ratio by ``1 + eps + delta`` before the PPO clip: for a negative advantage PPO's
 unclipped ``rho * A``, whose gradient explodes when ``pi_old`` is tiny; the early clip keeps it finite.
 There is no KL term. Everything runs in log space (``log pi'_old = max(logp - log(1 + eps + delta),
 logp_old)``), and in float32 or wider so bf16 log-probabilities do not lose the ratio.
+
+Non-finite policy: a non-finite reward (NaN or +-inf, e.g. from a broken reward model) is masked out, like an
+illegal generation: it leaves the group's mean and std and the loss's mean, its advantage is 0, and a
+:class:`~onerec_fast.numerics.NonFiniteWarning` says how many there were. The rest of its group keeps its
+advantages (unmasked, one NaN would make the group's std NaN and zero every advantage of the group).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
+from onerec_fast.numerics import NonFiniteWarning
 from onerec_fast.ops._checks import check_tensor
 
 __all__ = ["group_advantages", "ecpo_loss", "ecpo_loss_with_advantages"]
@@ -49,6 +56,18 @@ def _check_mask(mask: torch.Tensor | None, ref: torch.Tensor) -> torch.Tensor:
     return mask
 
 
+def _finite_rewards(rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``mask`` (bool ``[B, G]``) without the entries whose reward is non-finite; warns when it drops any."""
+    bad = mask & ~torch.isfinite(rewards)
+    n_bad = int(bad.sum())
+    if n_bad:
+        warnings.warn(f"ECPO: {n_bad} of {int(mask.sum())} unmasked rewards are not finite (NaN or inf); they are "
+                      "masked out (advantage 0, left out of their group's mean and std and of the loss)",
+                      NonFiniteWarning, stacklevel=3)
+        return mask & ~bad
+    return mask
+
+
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
@@ -59,7 +78,8 @@ def group_advantages(rewards: torch.Tensor, mask: torch.Tensor | None = None, re
     Args:
         rewards: ``[B, G]`` reward of generation ``g`` for user ``b`` (no gradient flows through it).
         mask: optional bool ``[B, G]``; False entries (e.g. illegal generations) are left out of the
-            mean and std and get advantage 0.
+            mean and std and get advantage 0. Non-finite rewards are masked the same way, with a
+            NonFiniteWarning (module docstring).
         rel_tol: a group whose std is at most ``rel_tol * (1 + |mean|)`` is treated as having equal
             rewards: its advantages are exactly 0 (rounding in the mean would otherwise turn equal
             rewards into +-1 advantages, and a zero std into NaN). Groups with fewer than two
@@ -72,7 +92,7 @@ def group_advantages(rewards: torch.Tensor, mask: torch.Tensor | None = None, re
     check_tensor("rewards", rewards, ndim=2, dtype=_FLOATS)
     if rel_tol < 0:
         raise ValueError(f"rel_tol must be >= 0, got {rel_tol}")
-    m = _check_mask(mask, rewards)
+    m = _finite_rewards(rewards, _check_mask(mask, rewards))
     r = rewards.detach().to(_compute_dtype(rewards))
     w = m.to(r.dtype)
     r = torch.where(m, r, torch.zeros_like(r))  # masked entries may hold NaN/inf: keep them out of the sums
@@ -147,7 +167,8 @@ def ecpo_loss(
         eps: PPO clip range: ``rho`` is clipped to ``[1 - eps, 1 + eps]``.
         delta: early-clip margin: ``pi'_old >= pi_theta / (1 + eps + delta)``, so ``rho <= 1 + eps + delta``.
         mask: optional bool ``[B, G]``: False entries (e.g. illegal or padded generations) are left
-            out of the advantages and the mean, and receive no gradient.
+            out of the advantages and the mean, and receive no gradient. Entries with a non-finite reward
+            are masked the same way, with a NonFiniteWarning (module docstring).
 
     Returns:
         scalar ``-mean(min(rho * A, clip(rho, 1 - eps, 1 + eps) * A))`` over the unmasked entries,
@@ -155,5 +176,6 @@ def ecpo_loss(
     """
     check_tensor("logp", logp, ndim=2, dtype=_FLOATS)
     _check_pair("rewards", rewards, "logp", logp)
+    mask = _finite_rewards(rewards, _check_mask(mask, logp))
     adv = group_advantages(rewards, mask)
     return ecpo_loss_with_advantages(logp, logp_old, adv, eps=eps, delta=delta, mask=mask)

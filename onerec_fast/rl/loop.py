@@ -36,6 +36,10 @@ Output (``out_dir``): ``rl_metrics.jsonl`` (one row per step: reward, legality, 
 optimizer, step, RNG: :meth:`ECPOTrainer.resume` continues the single-process run exactly; under torchrun
 the DCP folder ``rl_checkpoint.dcp``, which resumes on any number of ranks) and ``rl_reward.png`` (reward
 and legality against step) when matplotlib is importable.
+
+Non-finite policy: a loss or gradient norm that is not finite stops training with FloatingPointError naming
+the step, before the optimizer step (every rank decides alike), so the weights stay finite and no later save
+replaces the last checkpoint; a non-finite reward is masked out of ECPO with a warning (:mod:`onerec_fast.rl.ecpo`).
 """
 
 from __future__ import annotations
@@ -390,6 +394,7 @@ class ECPOTrainer:
                 loss = loss + cfg.format_weight * fmt
             loss.backward()
             grad_norm = self.parallel.clip_grad_norm_(cfg.grad_clip)
+            self._stop_unless_finite(loss, grad_norm, rl, fmt, ntp)
             self.opt.step()
             self.opt.zero_grad(set_to_none=True)
             self.parallel.sync_expert_load()
@@ -407,6 +412,20 @@ class ECPOTrainer:
         keys = ("reward", "legality", "ecpo_loss", "format_loss", "ntp_loss", "loss", "grad_norm")
         users = int(n.item()) // G
         return {"step": self.step, **dict(zip(keys, vals)), "users": users, "staleness": self.step - 1 - gens.version}
+
+    def _stop_unless_finite(self, loss, grad_norm, rl, fmt, ntp) -> None:
+        """FloatingPointError naming the coming step when ``loss`` or ``grad_norm`` (0-d) is not finite on any
+        rank (one all-reduce of the flags, so every rank stops), before the optimizer touches the weights."""
+        bad = torch.stack([~torch.isfinite(loss.detach()), ~torch.isfinite(grad_norm.detach())]).float()
+        if self.parallel.world_size > 1:
+            bad = all_reduce_sum(bad)
+        if bool(bad.any()):
+            terms = ", ".join(f"{k} {float(v.detach()):.4g}" for k, v in (("ecpo", rl), ("format", fmt), ("ntp", ntp)))
+            kept = f"; the last checkpoint {self.checkpoint_path} is kept" if self.out_dir is not None else ""
+            raise FloatingPointError(
+                f"ECPO step {self.step + 1}: non-finite {'loss' if bad[0] else 'gradient'} on this rank or another "
+                f"(here: loss {float(loss.detach()):.4g} with terms {terms}; gradient norm {float(grad_norm):.4g}); "
+                f"stopped before the optimizer step, the weights are unchanged{kept}")
 
     # -- the loop -------------------------------------------------------------------------------------------
     def train(self, steps: int | None = None) -> list[dict]:

@@ -21,6 +21,10 @@ solution, each iteration assigns points under a capacity of ``N // k`` (or ``N /
 moves centroids to their members' mean. OneRec's own procedure (fill clusters one after another with the nearest
 unassigned points) ends with the same sizes but leaves the last clusters the leftovers; proposals keep every point
 as near as capacity allows. This step runs in PyTorch on either backend (faiss has no capacity-constrained assignment).
+
+Points are checked up front (:func:`check_points`): at least one column, every value finite. Otherwise ValueError
+names the first bad row, for both backends alike (faiss kills the process with SIGFPE on D = 0, and NaN points
+turn k-means++ seeding into an invalid multinomial).
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["KMeansResult", "faiss_available", "kmeans", "nearest_centroid", "resolve_kmeans_backend"]
+__all__ = ["KMeansResult", "check_points", "faiss_available", "kmeans", "nearest_centroid", "resolve_kmeans_backend"]
 
 _KMEANS_BACKENDS = ("faiss", "torch")
 # Distance-matrix chunk: rows * k stays below this many elements (256 MiB of fp32).
@@ -185,6 +189,17 @@ def _balanced_assign(x: torch.Tensor, c: torch.Tensor, gen: torch.Generator) -> 
     return assign
 
 
+def check_points(name: str, x: torch.Tensor) -> None:
+    """Raise ValueError (naming ``name``) unless the float ``x: [N, D]`` has D >= 1 and only finite values."""
+    if x.shape[1] < 1:
+        raise ValueError(f"{name} must have at least one column (D >= 1), got shape {tuple(x.shape)}")
+    finite = torch.isfinite(x).all(dim=1)
+    if not bool(finite.all()):
+        bad = (~finite).nonzero().flatten()
+        raise ValueError(f"{name} must be finite: {len(bad)} of {x.shape[0]} rows hold NaN or inf "
+                         f"(first: row {int(bad[0])})")
+
+
 def kmeans(x: torch.Tensor, k: int, *, iters: int = 20, seed: int = 0, backend: str = "auto", device=None,
            balanced: bool = False, max_points_per_centroid: int = 256) -> KMeansResult:
     """Cluster ``x: [N, D]`` into ``k`` clusters (``k <= N``).
@@ -197,6 +212,7 @@ def kmeans(x: torch.Tensor, k: int, *, iters: int = 20, seed: int = 0, backend: 
     n = x.shape[0]
     if not 1 <= k <= n:
         raise ValueError(f"k must be in [1, N={n}], got {k}")
+    check_points("x", x)
     if iters < 0:
         raise ValueError(f"iters must be >= 0, got {iters}")
     name, dev, _ = resolve_kmeans_backend(backend, device)

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from onerec_fast.tokenizer.kmeans import kmeans, nearest_centroid, resolve_kmeans_backend
+from onerec_fast.tokenizer.kmeans import check_points, kmeans, nearest_centroid, resolve_kmeans_backend
 
 __all__ = ["RQKMeans", "disambiguate"]
 
@@ -116,11 +116,13 @@ class RQKMeans:
 
     def fit(self, emb: torch.Tensor, rank: torch.Tensor | None = None) -> "RQKMeans":
         """Fit on item embeddings ``emb: float [N, D]`` (row i = item i); sets ``codebooks`` and ``item_codes``.
-        ``rank: [N]`` orders the items of a collision group on the extra level (see :func:`disambiguate`)."""
+        ``rank: [N]`` orders the items of a collision group on the extra level (see :func:`disambiguate`).
+        ValueError, before any backend runs, unless N >= 1, D >= 1 and every value is finite."""
         x = self._check_emb(emb)
         n = x.shape[0]
         if n < 1:
             raise ValueError("emb must have at least one row")
+        check_points("emb", x)
         name, dev, why = resolve_kmeans_backend(self.backend, self.device)
         self.backend_used = f"{name} on {dev}"
         if self.verbose:

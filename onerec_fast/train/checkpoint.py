@@ -45,7 +45,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from onerec_fast.train.parallel import broadcast_object, dist_info, expert_shards, is_distributed
+from onerec_fast.train.parallel import all_reduce_sum, broadcast_object, dist_info, expert_shards, is_distributed
 
 __all__ = [
     "save_checkpoint",
@@ -200,7 +200,9 @@ def save_training_state(path: str | os.PathLike, model: torch.nn.Module, optimiz
                         extra: dict) -> Path:
     """Save ``model`` (plain, DDP's module or FSDP2-sharded), ``optimizer``, ``extra`` (tensors, numbers,
     strings) and the RNG states atomically at ``path``: a file in one process, a DCP folder (a link to the
-    newest version) in a process group, where every rank must call this."""
+    newest version) in a process group, where every rank must call this. A model with a non-finite parameter
+    raises ValueError (on every rank) and writes nothing: the previous checkpoint stays."""
+    _check_finite_parameters(model, path)
     state = {**extra, "rng": rng_state()}
     if not is_distributed():
         return save_checkpoint(path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(), **state})
@@ -236,6 +238,23 @@ def save_training_state(path: str | os.PathLike, model: torch.nn.Module, optimiz
                 shutil.rmtree(old)
     dist.barrier()
     return path
+
+
+def _check_finite_parameters(model: torch.nn.Module, path) -> None:
+    """ValueError naming the first parameter of ``model`` with a NaN or inf (this rank's shard; in a process group
+    the verdict is summed over the ranks, so all of them raise)."""
+    from torch.distributed.tensor import DTensor
+
+    params = dict(model.named_parameters())
+    bad = next((name for name, p in params.items()
+                if not bool(torch.isfinite(p.to_local() if isinstance(p, DTensor) else p).all())), None)
+    any_bad = bad is not None
+    if is_distributed():
+        device = next(iter(params.values())).device if params else "cpu"
+        any_bad = bool(all_reduce_sum(torch.tensor(float(any_bad), device=device)))
+    if any_bad:
+        where = f"parameter {bad!r}" if bad is not None else "a parameter on another rank"
+        raise ValueError(f"not saving {path}: {where} holds NaN or inf; the previous checkpoint is kept")
 
 
 def load_training_state(path: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
