@@ -188,3 +188,25 @@ def test_collision_codes_follow_popularity():
     assert disambiguate(codes, -popularity)[:, 2].tolist() == [1, 2, 1, 0, 0]  # most popular first
     with pytest.raises(ValueError, match="rank"):
         disambiguate(codes, popularity[:3])
+
+
+def test_trie_loss_masks_each_level_to_the_prefix_children(world):
+    log, _, _, _ = world
+    i = torch.arange(log.num_items)
+    codes = torch.stack([i // 16, i // 2 % 8, i % 2 * 3], 1)  # unique; each level-2 prefix has 2 of 4 codes
+    ds = UserSequenceDataset(log, codes, "train", config=BatchConfig(short_len=5, positive_len=8, lifelong_len=64))
+    model = make_model(ds, codes, trie_loss=True).eval()
+    target = codes[[0, 5, 17, 40]]
+    masks = model.prefix_masks(target)
+    for lvl, m in enumerate(masks):
+        for r in range(target.shape[0]):
+            same = (codes[:, :lvl] == target[r, :lvl]).all(1)
+            assert set(torch.nonzero(m[r]).flatten().tolist()) == set(codes[same, lvl].tolist())
+    batch = ds.batch(np.arange(8))
+    full = make_model(ds, codes, trie_loss=False).eval()
+    full.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert model(batch) < full(batch)  # the same logits, renormalized over fewer codes that hold the target
+        out = model.generate(batch, beam_size=8, num_return=4)
+        valid = full.generate(batch, beam_size=8, num_return=4, normalize="valid")
+    assert torch.equal(out.item_ids, valid.item_ids)  # generation follows the training normalization

@@ -10,7 +10,8 @@ level) are counted.
 =========  =======  ======  ===========  ============  ============================================
 preset     d_model  heads   enc / dec    d_ff (expert) FFN
 =========  =======  ======  ===========  ============  ============================================
-tiny       64       4       2 / 2        128           decoder MoE 4 experts top-2 (CPU demo, tests)
+tiny       64       4       2 / 2        128           decoder MoE 4 experts top-2 (tests)
+small      128      4       2 / 2        512           dense SwiGLU, dropout 0.2 (public benchmark sizes)
 0.015b     160      5       5 / 5        640           dense SwiGLU
 0.121b     512      8       8 / 8        2304          dense SwiGLU
 0.935b     1024     16      8 / 8        4096 / 1024   decoder MoE 24 experts top-2 (expert d_ff 1024)
@@ -81,6 +82,10 @@ class OneRecConfig:
     item_num_features: tuple[str, ...] = _DEFAULT_ITEM_NUM
     norm_eps: float = 1e-6
     dropout: float = 0.0  # on the input tokens, attention weights and residual branches (training only)
+    # Train each code level's softmax over the target prefix's children in the catalogue trie only, and rank by
+    # the same renormalized probabilities at generation (beam search normalize="valid"): the model is then a
+    # proper distribution over the catalogue's items. False: softmax over the whole codebook ("full").
+    trie_loss: bool = False
     backend: str = "auto"  # passed to MoELayer and QFormer ("reference" = plain PyTorch everywhere)
 
     def __post_init__(self) -> None:
@@ -161,6 +166,12 @@ PRESETS: dict[str, OneRecConfig] = {
         short_len=20, pos_len=64, lifelong_len=256, num_queries=16, qformer_blocks=2,
         static_features={"uid": 1024, "gender": 3, "age": 8},
         item_cat_features={"item": 4096, "author": 256, "tag": 64},
+    ),
+    # Public benchmark sizes (10^5-10^6 interactions): narrow and shallow, dropout, pathways cut to what such
+    # histories use, trie-normalized code softmax (the ``small`` training recipe; docs/ARCHITECTURE.md).
+    "small": OneRecConfig(
+        name="small", d_model=128, n_heads=4, enc_layers=2, dec_layers=2, d_ff=512, short_len=20, pos_len=50,
+        lifelong_len=200, num_queries=16, qformer_blocks=1, dropout=0.2, trie_loss=True,
     ),
     "0.015b": OneRecConfig(name="0.015b", d_model=160, n_heads=5, enc_layers=5, dec_layers=5, d_ff=640),
     "0.121b": OneRecConfig(name="0.121b", d_model=512, n_heads=8, enc_layers=8, dec_layers=8, d_ff=2304),

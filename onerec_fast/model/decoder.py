@@ -88,10 +88,13 @@ class OneRecDecoder(nn.Module):
         h = self.norm(x)
         return [head(h[:, t]) for t, head in enumerate(self.heads)]
 
-    def loss(self, codes: torch.Tensor, enc: EncoderOutput) -> torch.Tensor:
-        """Next-token cross-entropy averaged over the B x L target codes (fp32)."""
-        logits = self.forward(codes, enc)
-        return torch.stack([F.cross_entropy(lg.float(), codes[:, t]) for t, lg in enumerate(logits)]).mean()
+    def loss(self, codes: torch.Tensor, enc: EncoderOutput, masks: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """Next-token cross-entropy averaged over the B x L target codes (fp32). ``masks`` (bool ``[B, V_l]``
+        per level, True on the target code): each level's softmax runs over the masked-in codes only."""
+        logits = [lg.float() for lg in self.forward(codes, enc)]
+        if masks is not None:
+            logits = [lg.masked_fill(~m, float("-inf")) for lg, m in zip(logits, masks)]
+        return torch.stack([F.cross_entropy(lg, codes[:, t]) for t, lg in enumerate(logits)]).mean()
 
     # -- generation --------------------------------------------------------------------------------------
     def start(self, enc: EncoderOutput) -> DecodeState:

@@ -29,14 +29,15 @@ class GenerateOutput(NamedTuple):
     codes: torch.Tensor  # int64 [B, K, L] (-1 for empty slots)
 
 
-def features_from_dataset(ds, item_codes: torch.Tensor | None = None, *, use_item_id: bool = True) -> dict:
-    """Config fields describing a ``onerec_fast.data.UserSequenceDataset``'s features: static (uid + user
-    features), categorical item features (item id, item and engagement labels), continuous ones
-    (``timestamp`` + engagement + item continuous features), and the code levels / codebook sizes of
-    ``item_codes: [I, L]`` (defaults to the dataset's codes)."""
+def features_from_dataset(ds, item_codes: torch.Tensor | None = None, *, use_item_id: bool = True,
+                          use_user_id: bool = True) -> dict:
+    """Config fields describing a ``onerec_fast.data.UserSequenceDataset``'s features: static (uid, unless
+    ``use_user_id`` is False, + user features), categorical item features (item id, item and engagement labels),
+    continuous ones (``timestamp`` + engagement + item continuous features), and the code levels / codebook
+    sizes of ``item_codes: [I, L]`` (defaults to the dataset's codes)."""
     codes = torch.as_tensor(ds.codes if item_codes is None else item_codes)
     card = ds.cardinalities
-    static = {"uid": ds.log.num_users, **{k: card[k] for k in ds.user_sparse}}
+    static = {**({"uid": ds.log.num_users} if use_user_id else {}), **{k: card[k] for k in ds.user_sparse}}
     item_cat = ({"item": ds.log.num_items} if use_item_id else {})
     item_cat.update({k: card[k] for k in (*ds.item_sparse, *ds.row_sparse)})
     return {
@@ -133,12 +134,25 @@ class OneRec(nn.Module):
         return self.encoder(static, batch.short, batch.positive, batch.lifelong)
 
     def forward(self, batch) -> torch.Tensor:
-        """Training loss of a ``UserBatch``: next-token cross-entropy over the target's L codes, plus the
-        MoE auxiliary losses when their coefficients are non-zero."""
-        loss = self.decoder.loss(batch.target_codes, self.encode(batch))
+        """Training loss of a ``UserBatch``: next-token cross-entropy over the target's L codes (over the trie's
+        valid children of each prefix with ``cfg.trie_loss``), plus the MoE auxiliary losses when their
+        coefficients are non-zero."""
+        masks = self.prefix_masks(batch.target_codes) if self.cfg.trie_loss else None
+        loss = self.decoder.loss(batch.target_codes, self.encode(batch), masks)
         if self.cfg.moe_aux_loss_coef or self.cfg.moe_z_loss_coef:
             loss = loss + sum(m.aux_loss() for m in moe_layers(self))
         return loss
+
+    def prefix_masks(self, codes: torch.Tensor) -> list[torch.Tensor]:
+        """bool ``[B, V_l]`` per level: the codes that extend each row's prefix ``codes[:, :l]`` to a catalogue
+        item (``codes: int64 [B, L]``, the codes of catalogue items). On the device, no host sync."""
+        trie = self.trie(codes.device)
+        nodes = torch.zeros(codes.shape[0], dtype=torch.int64, device=codes.device)
+        masks = []
+        for lvl in range(self.cfg.code_levels):
+            masks.append(trie.valid_mask(lvl, nodes))
+            nodes = trie.step(lvl, nodes, codes[:, lvl])
+        return masks
 
     def code_logits(self, batch) -> list[torch.Tensor]:
         """Teacher-forced logits per level, ``[B, V_l]`` each, for ``batch.target_codes``."""
@@ -152,14 +166,16 @@ class OneRec(nn.Module):
 
     # -- generation --------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def generate(self, batch, beam_size: int = 128, num_return: int | None = None, normalize: str = "full",
+    def generate(self, batch, beam_size: int = 128, num_return: int | None = None, normalize: str | None = None,
                  search_backend: str = "auto") -> GenerateOutput:
         """Top ``num_return`` (default ``beam_size``) catalogue items per user by trie-constrained beam
         search, best first. The encoder runs once per user; its cross-attention keys/values are shared by
         the user's beams; the decoder keeps a per-beam self-attention KV cache reordered by the search's
-        parent indices."""
+        parent indices. ``normalize`` defaults to how the model was trained: ``"valid"`` with
+        ``cfg.trie_loss``, else ``"full"``."""
         from onerec_fast.decoding.beam_search import constrained_beam_search
 
+        normalize = normalize or ("valid" if self.cfg.trie_loss else "full")
         k = beam_size if num_return is None else num_return
         if not 1 <= k <= beam_size:
             raise ValueError(f"num_return must be in [1, beam_size={beam_size}], got {num_return}")

@@ -78,9 +78,10 @@ def model_from_checkpoint(ck: dict):
     return model
 
 
-def load_run(path: str, data: str | None = None, splits=("test",)):
+def load_run(path: str, data: str | None = None, splits=("test",), with_source: bool = False):
     """(model, log, world, datasets) from a ``train`` checkpoint (a run folder: its ``best``, else its
-    ``checkpoint``); ``data`` overrides the recorded source."""
+    ``checkpoint``); ``data`` overrides the recorded source. ``with_source`` adds the checkpoint file read and
+    its ``meta`` (data source, seed, ...) to the tuple."""
     from onerec_fast.data import BatchConfig
     from onerec_fast.train.checkpoint import load_checkpoint, resolve_checkpoint
     from onerec_fast.data.sources import load_source
@@ -97,4 +98,5 @@ def load_run(path: str, data: str | None = None, splits=("test",)):
         raise ValueError(f"the data has {log.num_items} items but the checkpoint's catalogue has "
                          f"{model.item_codes.shape[0]}: not the data it was trained on")
     bc = BatchConfig(**meta["batch_config"])
-    return model, log, world, datasets_for(log, model.item_codes, meta["item_emb"], bc, splits)
+    run = (model, log, world, datasets_for(log, model.item_codes, meta["item_emb"], bc, splits))
+    return (*run, path, meta) if with_source else run

@@ -71,8 +71,8 @@ def run(args) -> int:
                                no_amp=False, device=str(device), out=args.out)
     recipe = apply_recipe(targs, len(loaded[0]))
     preset = OneRecConfig.preset(targs.preset)
-    prepared = prepare("synthetic", seed=args.seed, short_len=preset.short_len, positive_len=targs.pos_len,
-                       lifelong_len=targs.lifelong_len, synthetic=world_cfg, splits=("train", "valid", "test"),
+    prepared = prepare("synthetic", seed=args.seed, short_len=preset.short_len, positive_len=preset.pos_len,
+                       lifelong_len=preset.lifelong_len, synthetic=world_cfg, splits=("train", "valid", "test"),
                        loaded=loaded)
     banner(3, f"pretraining OneRec (recipe {recipe.name}) for {steps} steps of {batch} users on {device}")
     trainer = build_trainer(targs, prepared, recipe, synthetic=world_cfg)

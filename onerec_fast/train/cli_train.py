@@ -22,11 +22,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--recipe", default="auto",
                         help="defaults chosen from the data: auto (from the number of interactions), small or tr; "
                              "see onerec_fast/train/recipe.py. Flags given below override the recipe")
-    parser.add_argument("--preset", default=None, help="model size: tiny, 0.015b, 0.121b, 0.935b, 2.6b (default: recipe)")
-    parser.add_argument("--pos-len", type=int, default=None, help="positive-feedback items per user (default: recipe)")
+    parser.add_argument("--preset", default=None,
+                        help="model: tiny, small, 0.015b, 0.121b, 0.935b, 2.6b (default: the recipe's)")
+    parser.add_argument("--pos-len", type=int, default=None, help="positive-feedback items per user (default: preset)")
     parser.add_argument("--lifelong-len", type=int, default=None,
-                        help="lifelong items per user before hierarchical compression (default: recipe)")
-    parser.add_argument("--dropout", type=float, default=None, help="dropout of the transformer (default: recipe)")
+                        help="lifelong items per user before hierarchical compression (default: preset)")
+    parser.add_argument("--dropout", type=float, default=None, help="dropout of the transformer (default: preset)")
     parser.add_argument("--steps", type=int, default=None,
                         help="optimizer steps in the whole run (default: the recipe's epochs over the training targets)")
     parser.add_argument("--batch-size", type=int, default=None, help="global batch, all ranks together (default: recipe)")
@@ -42,6 +43,9 @@ def add_arguments(parser) -> None:
                              "default: recipe)")
     parser.add_argument("--eval-users", type=int, default=None,
                         help="validation users per evaluation, a fixed random sample (0: all; default: recipe)")
+    parser.add_argument("--time-budget", type=float, default=0.0,
+                        help="stop training after this many seconds of wall time (then evaluate and save as at the "
+                             "end); 0: no limit")
     parser.add_argument("--ckpt-every", type=int, default=200, help="checkpoint period in steps (0: only at the end)")
     parser.add_argument("--log-every", type=int, default=10, help="steps per logged metrics row")
     parser.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
@@ -58,8 +62,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt (or .dcp)")
 
 
-_RECIPE_ARGS = ("preset", "pos_len", "lifelong_len", "batch_size", "lr", "warmup", "weight_decay", "patience",
-                "eval_users")
+_RECIPE_ARGS = ("preset", "batch_size", "lr", "warmup", "weight_decay", "patience", "eval_users")
 
 
 def apply_recipe(args, num_interactions: int):
@@ -71,8 +74,6 @@ def apply_recipe(args, num_interactions: int):
     for name in _RECIPE_ARGS:
         if getattr(args, name, None) is None:
             setattr(args, name, getattr(recipe, name))
-    if getattr(args, "dropout", None) is None:
-        args.dropout = recipe.model.get("dropout", 0.0)
     return recipe
 
 
@@ -91,10 +92,10 @@ def build_trainer(args, prepared, recipe, synthetic: dict | None = None, show_pr
 
     bc = prepared.batch_config
     ds = prepared.datasets["train"]
-    overrides = {k: v for k, v in recipe.model.items() if recipe.preset == args.preset}  # the recipe's own preset only
-    cfg = OneRecConfig.preset(args.preset, **{**overrides, "dropout": args.dropout}, short_len=bc.short_len,
+    dropout = {} if args.dropout is None else {"dropout": args.dropout}
+    cfg = OneRecConfig.preset(args.preset, **dropout, short_len=bc.short_len,
                               pos_len=bc.positive_len, lifelong_len=bc.lifelong_len, backend=args.backend,
-                              **features_from_dataset(ds, prepared.item_codes))
+                              **features_from_dataset(ds, prepared.item_codes, use_user_id=recipe.user_id))
     torch.manual_seed(args.seed)
     model = OneRec(cfg, prepared.item_codes)
     per_epoch = steps_for_epochs(1, len(ds), args.batch_size)
@@ -117,7 +118,7 @@ def build_trainer(args, prepared, recipe, synthetic: dict | None = None, show_pr
                      weight_decay=args.weight_decay, grad_clip=args.grad_clip, seed=args.seed,
                      amp=not args.no_amp, log_every=args.log_every, ckpt_every=args.ckpt_every,
                      num_workers=args.num_workers, eval_every=eval_every if eval_fn else 0,
-                     patience=args.patience if eval_fn else 0,
+                     patience=args.patience if eval_fn else 0, time_budget_s=getattr(args, "time_budget", 0.0),
                      # the demo's namespace has no --parallel / --expert-parallel
                      parallel=getattr(args, "parallel", "ddp"), expert_parallel=getattr(args, "expert_parallel", False))
     return Trainer(model, ds, tc, device, out_dir=args.out, show_progress=show_progress,
@@ -161,9 +162,10 @@ def _run(args) -> int:
     loaded = load_source(args.data, seed=args.seed, synthetic_overrides=synthetic)
     recipe = apply_recipe(args, len(loaded[0]))
     preset = OneRecConfig.preset(args.preset)
-    print(f"recipe {recipe.name}: preset {args.preset}, dropout {args.dropout}, lr {args.lr}, batch {args.batch_size}, "
-          f"weight decay {args.weight_decay}, positive/lifelong lengths {args.pos_len or preset.pos_len}/"
-          f"{args.lifelong_len or preset.lifelong_len}")
+    print(f"recipe {recipe.name}: preset {args.preset}, dropout {preset.dropout if args.dropout is None else args.dropout}"
+          f", lr {args.lr}, batch {args.batch_size}, weight decay {args.weight_decay}, positive/lifelong lengths "
+          f"{args.pos_len or preset.pos_len}/{args.lifelong_len or preset.lifelong_len}"
+          f"{'' if recipe.user_id else ', no user-id embedding'}")
     prepared = prepare(args.data, seed=args.seed, codebook_size=args.codebook_size, short_len=preset.short_len,
                        positive_len=args.pos_len or preset.pos_len,
                        lifelong_len=args.lifelong_len or preset.lifelong_len, synthetic=synthetic,

@@ -47,9 +47,11 @@ def rank_metrics(topk: torch.Tensor, target: torch.Tensor, ks: tuple[int, ...] =
 
 @torch.no_grad()
 def evaluate_onerec(model, dataset, ks: tuple[int, ...] = (5, 10), beam_size: int = 128, batch_size: int = 64,
-                    device="cpu", show_progress: bool = True, indices=None) -> dict[str, float]:
+                    device="cpu", show_progress: bool = True, indices=None, normalize: str | None = None
+                    ) -> dict[str, float]:
     """Metrics of ``model`` on a ``UserSequenceDataset`` (``split="test"`` or ``"valid"``; ``indices``: only
-    those samples) by constrained beam search; also ``legality`` and ``users_per_s``."""
+    those samples) by constrained beam search (``normalize``: as ``OneRec.generate``); also ``legality`` and
+    ``users_per_s``."""
     import numpy as np
 
     device = torch.device(device)
@@ -66,7 +68,7 @@ def evaluate_onerec(model, dataset, ks: tuple[int, ...] = (5, 10), beam_size: in
         model.check_batch(batch_cpu)
         batch = batch_cpu.to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            out = model.generate(batch, beam_size=beam_size, num_return=k)
+            out = model.generate(batch, beam_size=beam_size, num_return=k, normalize=normalize)
         codes = out.codes.flatten(0, 1)
         ok = (out.item_ids.flatten() >= 0) & trie.contains(codes.clamp_min(0))
         legal.append(ok.cpu())

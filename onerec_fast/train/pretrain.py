@@ -66,12 +66,13 @@ class TrainConfig:
     eval_every: int = 0  # steps between validation evaluations (needs the Trainer's eval_fn; 0: never)
     patience: int = 0  # stop after this many evaluations without a better select_metric (0: never stop early)
     select_metric: str = "ndcg@10"  # the eval_fn result that picks best.pt (higher is better)
+    time_budget_s: float = 0.0  # stop (evaluate, save) after this much wall time in train() (0: no limit)
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("eval_every", "patience", "ckpt_every", "warmup_steps", "num_workers"):
+        for name in ("eval_every", "patience", "ckpt_every", "warmup_steps", "num_workers", "time_budget_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
@@ -320,7 +321,7 @@ class Trainer:
             return self.history
         bar = ProgressBar(end, "train", start=self.step) if self.show_progress and self.parallel.is_main else None
         window_flops, window_tokens, pending = 0.0, 0, []
-        t0 = time.perf_counter()
+        t0 = started = time.perf_counter()
         it = iter(self._loader())
         try:
             while self.step < end:
@@ -343,8 +344,11 @@ class Trainer:
                                    MFU=f"{100 * row['mfu']:.2f}%")
                     window_flops, window_tokens, pending = 0.0, 0, []
                     t0 = time.perf_counter()
-                stop = False
-                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step != end:
+                # the budget is host time (no sync); every rank agrees on it through the broadcast
+                out_of_time = bool(cfg.time_budget_s) and broadcast_object(
+                    time.perf_counter() - started > cfg.time_budget_s)
+                stop = out_of_time
+                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step != end and not stop:
                     stop = self.evaluate()
                     t0 = time.perf_counter()  # the evaluation is not training time
                 if cfg.ckpt_every and self.step % cfg.ckpt_every == 0 and self.out_dir is not None:
@@ -354,8 +358,8 @@ class Trainer:
         finally:
             if bar is not None:
                 bar.close()
-        if self.step == end and cfg.eval_every and self.selection["best_step"] != self.step:
-            self.evaluate()
+        if cfg.eval_every and self.selection["best_step"] != self.step and not self._stopped_early():
+            self.evaluate()  # the last weights, unless an evaluation of them already ended the run
         if self.out_dir is not None:
             self.save()
         return self.history

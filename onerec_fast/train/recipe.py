@@ -5,10 +5,10 @@ recipe (``--recipe auto``, the default, picks one from the number of interaction
 command line overrides the recipe's value. The same command then serves every public dataset of a kind
 without per-file flags.
 
-* ``small`` (up to ``SMALL_MAX_INTERACTIONS``: MovieLens-100K/1M, the Amazon 5-core sets, Yelp, Steam): a
-  narrow, shallow OneRec with dropout (these sets have 10^5-10^6 interactions, where the TR's 0.015b
-  preset without dropout overfits after about three epochs), pathway lengths cut to what such histories
-  use, and model selection on the validation split with early stopping.
+* ``small`` (up to ``SMALL_MAX_INTERACTIONS``: MovieLens-100K/1M, the Amazon 5-core sets, Yelp, Steam): the
+  ``small`` preset (narrow, shallow, dropout, pathways cut to what such histories use, trie-normalized code
+  softmax; these sets have 10^5-10^6 interactions, where the TR's 0.015b preset without dropout overfits after
+  about three epochs), no user-id embedding, and model selection on the validation split with early stopping.
 * ``tr``: the OneRec TR's setting (a named preset, its pathway lengths, no dropout) for large logs.
 
 The measurements behind the choices are in ``docs/ARCHITECTURE.md`` (section "Recommendation quality").
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 __all__ = ["Recipe", "RECIPES", "SMALL_MAX_INTERACTIONS", "choose_recipe", "steps_for_epochs"]
 
@@ -27,16 +27,13 @@ SMALL_MAX_INTERACTIONS = 3_000_000
 
 @dataclass(frozen=True)
 class Recipe:
-    """Defaults of one training recipe. ``model``: :class:`~onerec_fast.model.config.OneRecConfig` fields
-    over ``preset``; ``epochs``: at most this many passes over the training targets (the schedule's length);
+    """Defaults of one training recipe (the model's shape, dropout and pathway lengths are its ``preset``'s);
+    ``epochs``: at most this many passes over the training targets (the schedule's length);
     ``eval_per_epoch``: validation evaluations per epoch (0: none); ``patience``: evaluations without a better
     validation NDCG@10 before stopping."""
 
     name: str
     preset: str
-    model: dict = field(default_factory=dict)
-    pos_len: int | None = None  # None: the preset's
-    lifelong_len: int | None = None
     lr: float = 1e-3
     batch_size: int = 256
     epochs: float = 1.0
@@ -46,19 +43,15 @@ class Recipe:
     patience: int = 0
     eval_users: int = 0  # validation users per evaluation (0: all)
     eval_beam: int = 32
+    user_id: bool = True  # the static pathway embeds the user id (memorizes users with few interactions)
 
     def replace(self, **changes) -> "Recipe":
         return dataclasses.replace(self, **changes)
 
 
 RECIPES: dict[str, Recipe] = {
-    "small": Recipe(
-        name="small", preset="0.015b",
-        model=dict(d_model=128, n_heads=4, enc_layers=2, dec_layers=2, d_ff=512, num_queries=16, qformer_blocks=1,
-                   dropout=0.2),
-        pos_len=50, lifelong_len=200, lr=1e-3, batch_size=256, epochs=40, warmup=200, weight_decay=0.05,
-        eval_per_epoch=1.0, patience=5, eval_users=10_000, eval_beam=32,
-    ),
+    "small": Recipe(name="small", preset="small", lr=2e-3, batch_size=256, epochs=40, warmup=200, weight_decay=0.05,
+                    eval_per_epoch=1.0, patience=5, eval_users=10_000, eval_beam=32, user_id=False),
     "tr": Recipe(name="tr", preset="0.015b", lr=1e-3, batch_size=256, epochs=3, warmup=200, weight_decay=0.01,
                  eval_per_epoch=1.0, patience=3, eval_users=10_000, eval_beam=32),
 }
