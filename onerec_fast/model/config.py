@@ -171,7 +171,7 @@ PRESETS: dict[str, OneRecConfig] = {
     # histories use, trie-normalized code softmax (the ``small`` training recipe; docs/ARCHITECTURE.md).
     "small": OneRecConfig(
         name="small", d_model=128, n_heads=4, enc_layers=2, dec_layers=2, d_ff=512, short_len=20, pos_len=50,
-        lifelong_len=200, num_queries=16, qformer_blocks=1, dropout=0.2, trie_loss=True,
+        lifelong_len=1000, num_queries=16, qformer_blocks=1, dropout=0.2, trie_loss=True,
     ),
     "0.015b": OneRecConfig(name="0.015b", d_model=160, n_heads=5, enc_layers=5, dec_layers=5, d_ff=640),
     "0.121b": OneRecConfig(name="0.121b", d_model=512, n_heads=8, enc_layers=8, dec_layers=8, d_ff=2304),

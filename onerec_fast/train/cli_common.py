@@ -7,6 +7,9 @@ import dataclasses
 
 import torch
 
+from onerec_fast.cli_args import device as device_arg
+from onerec_fast.cli_args import positive_int
+
 __all__ = ["add_data_arguments", "add_device_arguments", "resolve_device", "load_run", "model_from_checkpoint", "run_meta", "synthetic_overrides"]
 
 
@@ -15,7 +18,7 @@ def add_data_arguments(parser) -> None:
                         help="'synthetic', a MovieLens folder (e.g. ../shared/data/ml-100k), a .csv/.parquet "
                              "interactions table or a .txt sequence file (default: synthetic)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the world, tokenizer, init and data order")
-    parser.add_argument("--codebook-size", type=int, default=None,
+    parser.add_argument("--codebook-size", type=positive_int, default=None,
                         help="codes per RQ-KMeans level (default: from the catalogue size, <= 8192)")
     parser.add_argument("--synthetic", action="append", default=[], metavar="FIELD=VALUE",
                         help="synthetic world setting, repeatable (e.g. --synthetic num_users=200); see SyntheticConfig")
@@ -23,8 +26,8 @@ def add_data_arguments(parser) -> None:
 
 
 def add_device_arguments(parser) -> None:
-    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    parser.add_argument("--threads", type=int, default=1,
+    parser.add_argument("--device", type=device_arg, default=None, help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--threads", type=positive_int, default=1,
                         help="CPU intra-op threads (default 1: the small models' ops gain little from more, and "
                              "OpenMP spin-waits collapse throughput on a busy machine)")
 

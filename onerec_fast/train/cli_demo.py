@@ -2,10 +2,14 @@
 
 1. a synthetic short-video world (users with drifting interests, items with authors/tags/durations);
 2. item embeddings (content + collaborative, fused) and RQ-KMeans semantic IDs;
-3. pretraining of the ``tiny`` preset (progress bar: loss, tokens/s, MFU);
+3. pretraining with the recipe ``onerec-fast train`` picks for the data (progress bar: loss, tokens/s, MFU;
+   validation and ``best.pt``);
 4. trie-constrained beam-search generation and leave-one-out Recall/NDCG next to the most-popular and
    SASRec-style baselines (one table);
 5. readable recommendations for two users, with their true expected watch ratio.
+
+Everything goes to ``--out`` (default ``runs/demo``), as the last lines say: the checkpoints, the metrics, the loss
+and validation plot (``loss.png``, with matplotlib) and ``results.json``.
 
 On a GPU the same command runs the fused Triton/CUDA kernels (``backend="auto"``) with larger batches.
 ``--small`` shrinks everything for CI (well under 2 minutes on 2 cores).
@@ -14,7 +18,9 @@ On a GPU the same command runs the fused Triton/CUDA kernels (``backend="auto"``
 from __future__ import annotations
 
 import argparse
+import json
 import time
+from pathlib import Path
 
 from onerec_fast.train.cli_common import add_device_arguments
 
@@ -51,6 +57,7 @@ def run(args) -> int:
     from onerec_fast.train.cli_train import apply_recipe, build_trainer
     from onerec_fast.train.evaluate import evaluate_all, format_table
     from onerec_fast.train.pipeline import prepare
+    from onerec_fast.train.pretrain import plot_metrics
 
     t0 = time.perf_counter()
     device = resolve_device(args.device, args.threads)
@@ -61,8 +68,11 @@ def run(args) -> int:
     def banner(i: int, text: str) -> None:
         print(f"\n[{i}/5] {text}  ({time.perf_counter() - t0:.0f}s)", flush=True)
 
-    banner(1, f"synthetic world ({size} size) + 2. item embeddings and RQ-KMeans semantic IDs")
+    out = Path(args.out)
+    print(f"onerec-fast demo: writing the run (checkpoints, metrics, plots, results) to {out}/")
+    banner(1, f"synthetic world ({size} size)")
     loaded = load_source("synthetic", seed=args.seed, synthetic_overrides=world_cfg)
+    print(loaded[0].summary())
     targs = argparse.Namespace(data="synthetic", recipe="auto", seed=args.seed, preset=None, pos_len=None,
                                lifelong_len=None, dropout=None, steps=steps, batch_size=batch, lr=None, warmup=None,
                                weight_decay=None, grad_clip=1.0, eval_every=None, patience=None, eval_users=None,
@@ -71,9 +81,11 @@ def run(args) -> int:
                                no_amp=False, device=str(device), out=args.out)
     recipe = apply_recipe(targs, len(loaded[0]))
     preset = OneRecConfig.preset(targs.preset)
+    banner(2, "item embeddings (content + collaborative) and RQ-KMeans semantic IDs")
     prepared = prepare("synthetic", seed=args.seed, short_len=preset.short_len, positive_len=preset.pos_len,
                        lifelong_len=preset.lifelong_len, synthetic=world_cfg, splits=("train", "valid", "test"),
-                       loaded=loaded)
+                       loaded=loaded, verbose=False)
+    print(prepared.tokenizer_stats)
     banner(3, f"pretraining OneRec (recipe {recipe.name}) for {steps} steps of {batch} users on {device}")
     trainer = build_trainer(targs, prepared, recipe, synthetic=world_cfg)
     m = trainer.model
@@ -87,8 +99,12 @@ def run(args) -> int:
     results = evaluate_all(m, prepared.datasets["test"], prepared.log, beam_size=beam, batch_size=64, device=device,
                            sasrec_cfg=SASRecConfig(epochs=sas_epochs))
     table = format_table(results)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
     banner(5, "recommendations for two users")
     print(show_recommendations(m, prepared.log, prepared.world, prepared.datasets["test"], [0, 1], 5, beam, 3, device))
+    plot = plot_metrics(out / "metrics.jsonl", out / "loss.png")
     print(f"\n{table}\n\nOneRec generated {results['OneRec']['users_per_s']:.0f} users/s; "
           f"demo finished in {time.perf_counter() - t0:.0f}s (torch {torch.__version__}, {device})")
+    print(f"wrote {out}/: checkpoint.pt and best.pt (onerec-fast evaluate/generate --checkpoint {out}), "
+          f"metrics.jsonl/.csv, results.json; {plot}")
     return 0

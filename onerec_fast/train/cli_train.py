@@ -14,41 +14,43 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from onerec_fast.cli_args import non_negative_int, number, positive_int
 from onerec_fast.train.cli_common import add_data_arguments
+from onerec_fast.train.recipe import RECIPES
 
 
 def add_arguments(parser) -> None:
     add_data_arguments(parser)
-    parser.add_argument("--recipe", default="auto",
+    parser.add_argument("--recipe", default="auto", choices=("auto", *RECIPES),
                         help="defaults chosen from the data: auto (from the number of interactions), small or tr; "
                              "see onerec_fast/train/recipe.py. Flags given below override the recipe")
     parser.add_argument("--preset", default=None,
                         help="model: tiny, small, 0.015b, 0.121b, 0.935b, 2.6b (default: the recipe's)")
-    parser.add_argument("--pos-len", type=int, default=None, help="positive-feedback items per user (default: preset)")
-    parser.add_argument("--lifelong-len", type=int, default=None,
+    parser.add_argument("--pos-len", type=positive_int, default=None, help="positive-feedback items per user (default: preset)")
+    parser.add_argument("--lifelong-len", type=positive_int, default=None,
                         help="lifelong items per user before hierarchical compression (default: preset)")
-    parser.add_argument("--dropout", type=float, default=None, help="dropout of the transformer (default: preset)")
-    parser.add_argument("--steps", type=int, default=None,
+    parser.add_argument("--dropout", type=number(float, min=0.0, max=0.9), default=None, help="dropout of the transformer (default: preset)")
+    parser.add_argument("--steps", type=positive_int, default=None,
                         help="optimizer steps in the whole run (default: the recipe's epochs over the training targets)")
-    parser.add_argument("--batch-size", type=int, default=None, help="global batch, all ranks together (default: recipe)")
-    parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default: recipe)")
-    parser.add_argument("--warmup", type=int, default=None, help="linear warmup steps (default: recipe)")
-    parser.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay (default: recipe)")
-    parser.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm to this")
-    parser.add_argument("--eval-every", type=int, default=None,
+    parser.add_argument("--batch-size", type=positive_int, default=None, help="global batch, all ranks together (default: recipe)")
+    parser.add_argument("--lr", type=number(float, min=0.0, min_open=True), default=None, help="peak learning rate (default: recipe)")
+    parser.add_argument("--warmup", type=non_negative_int, default=None, help="linear warmup steps (default: recipe)")
+    parser.add_argument("--weight-decay", type=number(float, min=0.0), default=None, help="AdamW weight decay (default: recipe)")
+    parser.add_argument("--grad-clip", type=number(float, min=0.0, min_open=True), default=1.0, help="clip the global gradient norm to this")
+    parser.add_argument("--eval-every", type=non_negative_int, default=None,
                         help="steps between validation evaluations (Recall/NDCG@10 of constrained generation on the "
                              "validation targets; the best writes best.pt). 0: none (default: recipe, about an epoch)")
-    parser.add_argument("--patience", type=int, default=None,
+    parser.add_argument("--patience", type=non_negative_int, default=None,
                         help="stop after this many evaluations without a better validation NDCG@10 (0: never; "
                              "default: recipe)")
-    parser.add_argument("--eval-users", type=int, default=None,
+    parser.add_argument("--eval-users", type=non_negative_int, default=None,
                         help="validation users per evaluation, a fixed random sample (0: all; default: recipe)")
-    parser.add_argument("--time-budget", type=float, default=0.0,
+    parser.add_argument("--time-budget", type=number(float, min=0.0), default=0.0,
                         help="stop training after this many seconds of wall time (then evaluate and save as at the "
                              "end); 0: no limit")
-    parser.add_argument("--ckpt-every", type=int, default=200, help="checkpoint period in steps (0: only at the end)")
-    parser.add_argument("--log-every", type=int, default=10, help="steps per logged metrics row")
-    parser.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
+    parser.add_argument("--ckpt-every", type=non_negative_int, default=200, help="checkpoint period in steps (0: only at the end)")
+    parser.add_argument("--log-every", type=positive_int, default=10, help="steps per logged metrics row")
+    parser.add_argument("--num-workers", type=non_negative_int, default=0, help="DataLoader worker processes")
     parser.add_argument("--backend", default="auto", help="backend of the fused modules: auto, triton, cuda, reference")
     parser.add_argument("--no-amp", action="store_true", help="fp32 on CUDA (default: bf16 autocast)")
     parser.add_argument("--parallel", choices=("ddp", "fsdp"), default="ddp",

@@ -146,7 +146,7 @@ def _tokens(batch, model) -> int:
     return n + len(batch) * (1 + model.cfg.num_queries + model.cfg.code_levels)
 
 
-_NONE = 2**52  # "no non-finite step yet" (exact in float64 too, for the all-reduce)
+_NONE = 2**62  # "no non-finite step yet": larger than any step, so a MIN over ranks finds the first bad one
 
 
 class NonFiniteTrainingError(RuntimeError):
@@ -226,8 +226,9 @@ class Trainer:
 
     def save(self, path: str | Path | None = None) -> Path:
         """Write a checkpoint (default :attr:`checkpoint_path`); under torchrun every rank must call this.
-        Raises :class:`NonFiniteTrainingError` instead of saving a state that saw a non-finite step."""
-        self._check_finite(weights=True)
+        Raises :class:`NonFiniteTrainingError` instead of saving a state that saw a non-finite step (and
+        ``save_training_state`` refuses non-finite weights)."""
+        self._check_finite()
         return save_training_state(self.checkpoint_path if path is None else path, self.model, self.opt,
                                    self._checkpoint_entries())
 
@@ -290,27 +291,20 @@ class Trainer:
         self.step += 1
         return loss.detach()
 
-    def _check_finite(self, weights: bool = False) -> None:
-        """Raise :class:`NonFiniteTrainingError` if a step so far had a non-finite loss or gradient (or, with
-        ``weights``, if a parameter is non-finite), on any rank. One host sync (and a MIN all-reduce)."""
-        flags = [self._bad_step.double()]
-        if weights:
-            local = [p.to_local() if hasattr(p, "to_local") else p for p in self.model.parameters()]
-            finite = torch.isfinite(torch.stack(torch._foreach_norm([p.detach().float() for p in local]))).all()
-            flags.append(torch.where(finite, _NONE, -1.0).to(flags[0]))
-        flags = torch.stack(flags)
+    def _check_finite(self) -> None:
+        """Raise :class:`NonFiniteTrainingError` if a step so far had a non-finite loss or gradient norm, on any
+        rank. One host sync (and a MIN all-reduce in a process group)."""
+        flag = self._bad_step.clone()
         if self.parallel.world_size > 1:
             import torch.distributed as dist
 
-            dist.all_reduce(flags, op=dist.ReduceOp.MIN)
-        step, finite_weights = int(flags[0]), len(flags) < 2 or int(flags[1]) == _NONE
-        kept = "; the last checkpoint on disk is kept" if self.out_dir is not None else ""
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        step = int(flag)
         if step != _NONE:
+            kept = "; the last checkpoint on disk is kept" if self.out_dir is not None else ""
             raise NonFiniteTrainingError(
                 f"non-finite loss or gradient at step {step + 1} (lr {lr_at(step, self.cfg):.3g}): training "
                 f"stopped{kept}. Lower --lr, raise --warmup, or train in fp32 (--no-amp) to find the cause")
-        if not finite_weights:
-            raise NonFiniteTrainingError(f"non-finite weights at step {self.step}: not saved{kept}")
 
     def train(self, steps: int | None = None) -> list[tuple[int, float]]:
         """Run until ``steps`` (default ``cfg.steps``) optimizer steps are done in total, or until the
