@@ -16,7 +16,6 @@ The measurements behind the choices are in ``docs/ARCHITECTURE.md`` (section "Re
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -44,9 +43,6 @@ class Recipe:
     eval_users: int = 0  # validation users per evaluation (0: all)
     eval_beam: int = 32
     user_id: bool = True  # the static pathway embeds the user id (memorizes users with few interactions)
-
-    def replace(self, **changes) -> "Recipe":
-        return dataclasses.replace(self, **changes)
 
 
 RECIPES: dict[str, Recipe] = {
