@@ -210,3 +210,27 @@ def test_trie_loss_masks_each_level_to_the_prefix_children(world):
         out = model.generate(batch, beam_size=8, num_return=4)
         valid = full.generate(batch, beam_size=8, num_return=4, normalize="valid")
     assert torch.equal(out.item_ids, valid.item_ids)  # generation follows the training normalization
+
+
+@pytest.mark.parametrize("fmt", ["txt", "csv"])
+def test_cli_trains_and_evaluates_sources_without_engagement(tmp_path, fmt, capsys):
+    """The Sports file's format (``user item item ...``) and a CSV without a rating column, through the CLI:
+    train with validation (best.pt), then evaluate the run folder."""
+    from onerec_fast.cli import main
+
+    seq = _sequence_file(tmp_path, users=30, items=25)
+    data = seq
+    if fmt == "csv":
+        rows = [(int(u), int(i), t) for u, *items in (ln.split() for ln in seq.read_text().splitlines())
+                for t, i in enumerate(items)]
+        data = tmp_path / "interactions.csv"
+        data.write_text("user,item,timestamp\n" + "".join(f"{u},{i},{t}\n" for u, i, t in rows))
+    out = tmp_path / f"run-{fmt}"
+    assert main(["train", "--data", str(data), "--out", str(out), "--steps", "4", "--batch-size", "8",
+                 "--eval-every", "2", "--eval-users", "10", "--warmup", "1", "--ckpt-every", "0"]) == 0
+    printed = capsys.readouterr().out
+    assert "recipe small" in printed and "best:" in printed and (out / "best.pt").exists()
+    assert main(["evaluate", "--checkpoint", str(out), "--no-baselines", "--beam", "16",
+                 "--out", str(out / "eval.json")]) == 0
+    res = json.loads((out / "eval.json").read_text())
+    assert res["checkpoint"].endswith("best.pt") and res["results"]["OneRec"]["legality"] == 1.0

@@ -11,7 +11,7 @@ of the same data does not retrain it.
 
 from __future__ import annotations
 
-from onerec_fast.cli_args import positive_int
+from onerec_fast.cli_args import number, positive_int
 from onerec_fast.train.cli_common import add_device_arguments
 
 
@@ -20,7 +20,8 @@ def add_arguments(parser) -> None:
                         help="a run folder written by onerec-fast train (its best.pt, else checkpoint.pt) or a "
                              "checkpoint file")
     parser.add_argument("--data", default=None, help="data source (default: the one recorded in the checkpoint)")
-    parser.add_argument("--beam", type=positive_int, default=128, help="beam size of the constrained search")
+    parser.add_argument("--beam", type=number(int, min=10), default=128,
+                        help="beam size of the constrained search (>= 10: the metrics rank 10 items)")
     parser.add_argument("--batch-size", type=positive_int, default=256, help="users per generation batch")
     parser.add_argument("--split", choices=("test", "valid"), default="test", help="which targets to rank")
     parser.add_argument("--no-baselines", action="store_true", help="OneRec only")
