@@ -136,7 +136,9 @@ def sasrec_metrics(log, cfg=None, ks: tuple[int, ...] = (5, 10), split: str = "t
     t0 = time.perf_counter()
     sas = train_sasrec(log, cfg, device=device, show_progress=show_progress)
     top, targets = sasrec_topk(sas, log, max(ks), device=device, split=split)
-    res = {**rank_metrics(top, targets, ks), "epoch": sas.selection["epoch"], "train_s": time.perf_counter() - t0}
+    sel = sas.selection  # the selected epoch and its validation metrics (to compare with OneRec's valid -> test drop)
+    res = {**rank_metrics(top, targets, ks), "epoch": sel["epoch"], "valid_recall@10": sel["recall@10"],
+           "valid_ndcg@10": sel["ndcg@10"], "train_s": time.perf_counter() - t0}
     if cache:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
