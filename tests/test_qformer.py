@@ -86,6 +86,34 @@ def test_cross_attention_compiles_fullgraph_reference():
     assert_close("compiled padded", got, attn(x, padded, lengths=lengths), torch.float32, "cpu")
 
 
+def test_qformer_compiles_without_max_len_reference():
+    """Jagged memory without max_len traces with no data-dependent size: the longest length read on
+    the host (int(lengths.max()) -> item()) became an unbacked size that Inductor could not lower in
+    the backward (GuardOnDataDependentSymNode). Checked on the captured graph (fast); same outputs
+    and gradients as eager."""
+    torch.manual_seed(0)
+    model = QFormer(32, num_queries=4, num_blocks=1, num_heads=2, d_kv=D_KV, d_ff=32, backend="reference")
+    values, offsets, _, _ = _memory(LENGTHS, D_KV, "cpu")
+    values.requires_grad_()
+    graphs = []
+    aot_eager = torch._dynamo.lookup_backend("aot_eager")
+
+    def backend(gm, inputs):
+        graphs.append(gm)
+        return aot_eager(gm, inputs)
+
+    torch._dynamo.reset()  # another test's cached compile would bypass the backend
+    got = torch.compile(model, fullgraph=True, backend=backend)(values, offsets=offsets)
+    host_reads = [n for gm in graphs for n in gm.graph.nodes
+                  if n.target in ("item", "tolist", torch.ops.aten._local_scalar_dense.default)]
+    assert graphs and not host_reads, host_reads
+    want = model(values, offsets=offsets)
+    assert_close("compiled out", got, want, torch.float32, "cpu")
+    w = torch.randn(got.shape)
+    assert_close("compiled gradient", torch.autograd.grad((got * w).sum(), values)[0],
+                 torch.autograd.grad((want * w).sum(), values)[0], torch.float32, "cpu")
+
+
 @requires_cuda
 def test_qformer_bf16_triton_vs_reference_cuda():
     torch.manual_seed(0)

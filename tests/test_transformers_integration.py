@@ -168,10 +168,21 @@ def test_block_swap_matches_hf_v4(kind):
     ids = torch.randint(0, 64, (2, 7))
     want = loss_logits_grads(model, ids)
     sd = {k: v.clone() for k, v in model.state_dict().items()}
+    blocks = [type(m) for m in model.modules() if type(m).__name__ in integ._SWAPPABLE]
     integ.use_onerec_experts(model, backend="reference")
-    assert any(isinstance(m, integ.HFMoEBlock) for m in model.modules())
+    swapped_blocks = [m for m in model.modules() if isinstance(m, integ.HFMoEBlock)]
+    assert len(swapped_blocks) == len(blocks) and all(isinstance(m, blocks[0]) for m in swapped_blocks)
+    assert integ.use_onerec_experts(model) is model  # a second call swaps nothing more
     got = loss_logits_grads(model, ids)
-    assert rel_err(got[1], want[1]) < 1e-5 and abs(got[2].item() - want[2].item()) < 1e-6
+    assert rel_err(got[1], want[1]) < 1e-5 and abs(got[0] - want[0]) < 1e-5
+    # HF's load-balancing loss from our block's router logits (an int 0 when HF collects none)
+    assert want[2].item() > 0 and torch.is_tensor(got[2]) and abs(got[2].item() - want[2].item()) < 1e-6
+    # gradients: everything outside the routed experts keeps its name; the router is moe.router
+    renamed = {n.replace(".moe.router.", ".gate."): g for n, g in got[3].items()}
+    common = [n for n in want[3] if n in renamed]
+    assert any(n.endswith(".gate.weight") for n in common) and any("self_attn" in n for n in common)
+    for n in common:
+        assert rel_err(renamed[n], want[3][n]) < 1e-4, n
     # the state dict keeps HF's keys: a checkpoint of either loads into the other
     swapped = model.state_dict()
     assert swapped.keys() == sd.keys() and all(torch.equal(swapped[k], sd[k]) for k in sd)

@@ -222,7 +222,9 @@ class HFMoEBlock(nn.Module):
 
     def __init__(self, moe: MoELayer, layout: str, shared_expert: nn.Module | None = None,
                  shared_expert_gate: nn.Module | None = None):
-        super().__init__()
+        # nn.Module's, not super()'s: in a subclass of the HF block (see from_hf) the next __init__ in
+        # the MRO is the HF block's, which builds its own experts from a config.
+        nn.Module.__init__(self)
         if layout not in ("mixtral", "qwen"):
             raise ValueError(f"layout must be 'mixtral' or 'qwen' (per-expert key names), got {layout!r}")
         self.moe, self.layout = moe, layout
@@ -233,13 +235,19 @@ class HFMoEBlock(nn.Module):
     @classmethod
     def from_hf(cls, block: nn.Module, config, backend: str = "auto") -> HFMoEBlock:
         """Build from a transformers 4.5x block (``gate``, ``experts``, optional ``shared_expert(_gate)``),
-        copying its weights; ValueError where the routing differs (see :func:`moe_layer_from_config`)."""
+        copying its weights; ValueError where the routing differs (see :func:`moe_layer_from_config`).
+
+        The result is also an instance of ``type(block)``: transformers 4.5x collects the router logits
+        of Mixtral and Qwen3-MoE with hooks on the modules that are ``isinstance`` of the block class
+        (``OutputRecorder``), so a plain HFMoEBlock gives no logits and HF's aux loss silently becomes 0.
+        """
         p = next(block.parameters())
         moe = moe_layer_from_config(config, backend=backend, dtype=p.dtype, device=p.device)
         layout = "mixtral" if hasattr(block.experts[0], "w1") else "qwen"
         routed = {k: v for k, v in block.state_dict().items() if not k.startswith("shared_expert")}
         cls._loader(moe, layout)(routed, strict=True)
-        return cls(moe, layout, getattr(block, "shared_expert", None), getattr(block, "shared_expert_gate", None))
+        return _as_subclass_of(cls, type(block))(moe, layout, getattr(block, "shared_expert", None),
+                                                 getattr(block, "shared_expert_gate", None))
 
     @staticmethod
     def _loader(moe: MoELayer, layout: str):
@@ -282,6 +290,13 @@ class HFMoEBlock(nn.Module):
         state_dict.update({f"{prefix}moe.{k}": v for k, v in self.moe.state_dict().items()})
 
 
+@functools.cache
+def _as_subclass_of(cls: type, hf_block: type) -> type:
+    """``cls`` first (its forward and state-dict hooks win), then the HF block class for isinstance;
+    cached so every swapped block of one HF class shares one class."""
+    return type(f"{cls.__name__}_{hf_block.__name__}", (cls, hf_block), {"__module__": cls.__module__})
+
+
 # Sparse MoE block class names of transformers 4.5x that HFMoEBlock reproduces.
 _SWAPPABLE = ("MixtralSparseMoeBlock", "Qwen2MoeSparseMoeBlock", "Qwen3MoeSparseMoeBlock")
 _REFUSED = ("DeepseekV3MoE", "DeepseekV2MoE")
@@ -318,7 +333,8 @@ def use_onerec_experts(model: nn.Module, backend: str = "auto") -> nn.Module:
     if not isinstance(model, nn.Module) or not hasattr(model, "config"):
         raise TypeError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
     if _transformers_major() < 5:
-        if not _swap_blocks(model, backend):
+        already = any(isinstance(m, HFMoEBlock) for m in model.modules())  # once, however often called
+        if not _swap_blocks(model, backend) and not already:
             raise ValueError(f"model: no sparse MoE block of {_SWAPPABLE} in {type(model).__name__}")
         return model
     experts = [(n, m) for n, m in model.named_modules() if hasattr(m, "gate_up_proj") or

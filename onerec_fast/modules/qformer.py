@@ -62,8 +62,9 @@ class QFormerCrossAttention(nn.Module):
             x: ``[B, Lq, d_model]`` per-row queries, or ``[Lq, d_model]`` shared by every row.
             memory: jagged ``[total, d_kv]`` with ``cu_seqlens: [B+1]``, or padded ``[B, L, d_kv]``
                 with ``lengths: [B]`` (row b's memory is ``memory[b, :lengths[b]]``; None: all L).
-            max_seqlen: jagged only, an upper bound on the longest row, for the reference backend
-                under ``torch.compile`` (see :func:`varlen_cross_attention`).
+            max_seqlen: jagged only, an upper bound on the longest row; the reference backend pads
+                to it (default: the longest row, or total under ``torch.compile``; see
+                :func:`varlen_cross_attention`).
             validate: check the offsets/lengths values (a host sync on CUDA).
 
         Returns:
@@ -175,8 +176,8 @@ class QFormer(nn.Module):
         Args:
             memory: jagged ``[total, d_kv]`` with ``offsets: [B+1]``, or padded ``[B, L, d_kv]`` with
                 ``lengths: [B]`` (None: all L rows valid).
-            max_len: jagged only, an upper bound on the longest row (reference backend under
-                ``torch.compile``).
+            max_len: jagged only, an upper bound on the longest row; the reference backend pads to it
+                (default: the longest row, or total under ``torch.compile``).
             validate: check offsets/lengths once (a host sync on CUDA).
 
         Returns:

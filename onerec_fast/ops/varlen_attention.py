@@ -93,13 +93,19 @@ def varlen_cross_attention_ref(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_k: Te
     ``[B, max_seqlen_k, Hkv, D]`` and calls :func:`padded_cross_attention_ref`.
 
     ``k, v: [total_k, Hkv, D]``, ``cu_seqlens_k: [B+1]``. ``max_seqlen_k`` (an upper bound on the
-    longest row) avoids reading the lengths on the host, which ``torch.compile`` cannot trace.
+    longest row) avoids reading the lengths on the host. Without it, eager mode reads the longest
+    length; under ``torch.compile`` the bound is ``total_k`` (padding to ``[B, total_k, Hkv, D]``).
     """
     batch, total = cu_seqlens_k.shape[0] - 1, k.shape[0]
     cu = cu_seqlens_k.long()
     lengths = cu[1:] - cu[:-1]
     if max_seqlen_k is None:
-        max_seqlen_k = int(lengths.max()) if batch > 0 else 0
+        # Traced, int(lengths.max()) is a data-dependent size: Inductor cannot lower the padded
+        # tensors' strides (GuardOnDataDependentSymNode in the backward), so use the static bound.
+        if torch.compiler.is_compiling():
+            max_seqlen_k = total
+        else:
+            max_seqlen_k = int(lengths.max()) if batch > 0 else 0
     row = torch.repeat_interleave(torch.arange(batch, device=k.device), lengths, output_size=total)
     pos = torch.arange(total, device=k.device) - cu[:-1][row]
     shape = (batch, max(max_seqlen_k, 1), k.shape[1], k.shape[2])  # >= 1 column: amax needs one
@@ -284,7 +290,8 @@ def varlen_cross_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_k: Tensor
         return_lse: also return ``lse: [B, Hq, Lq]`` (float32, natural log, -inf for empty rows), which
             is differentiable too.
         max_seqlen_k: optional upper bound on the longest row; only the reference backend uses it
-            (to pad without reading the lengths on the host, so ``torch.compile`` traces it).
+            (to pad without reading the lengths on the host). Under ``torch.compile`` it defaults to
+            total_k, which pads every row to total_k: pass it to bound the reference's memory.
         validate: check the offsets' values (a device-to-host copy on CUDA; skipped under
             ``torch.compile`` and CUDA-graph capture). Pass False on hot paths with trusted offsets.
 
