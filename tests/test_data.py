@@ -400,3 +400,19 @@ def test_empty_and_oversized_sequence_files(tmp_path):
     (tmp_path / "big.txt").write_text("1 5\n2 12345678901234567890123\n")
     with pytest.raises(DataFormatError, match=r"big\.txt:2: field 'item 1': integer .* 64 bits"):
         load_sequences(tmp_path / "big.txt")
+
+
+def test_a_ratings_table_is_not_read_as_sequences(tmp_path):
+    """u.data (``user item rating timestamp``) parsed as sequences invents items from ratings and times (issue
+    18): the file itself loads as its MovieLens folder, and any such table given as sequences is refused."""
+    from onerec_fast.data.log import DataFormatError
+    from onerec_fast.data.sources import load_source
+
+    table = "1\t5\t3\t881250949\n1\t7\t4\t891717742\n2\t9\t2\t878887116\n"
+    (tmp_path / "ratings.txt").write_text(table)
+    with pytest.raises(DataFormatError, match="user/item/rating/timestamp table"):
+        load_source(str(tmp_path / "ratings.txt"))
+    (tmp_path / "seq.txt").write_text("1 5 3 881250949\n2 9 2\n")  # ragged: sequences
+    assert load_source(str(tmp_path / "seq.txt"))[0].num_items == 5
+    if (ML100K / "u.data").exists():
+        assert load_source(str(ML100K / "u.data"))[0].num_items == 1682

@@ -3,7 +3,7 @@
 ``load_source(spec)``:
 
 * ``"synthetic"`` -> the synthetic world (``synthetic_overrides`` are :class:`SyntheticConfig` fields);
-* a folder with ``u.data`` (ML-100K) or ``ratings.dat`` (ML-1M) -> MovieLens;
+* a folder with ``u.data`` (ML-100K) or ``ratings.dat`` (ML-1M), or that file itself -> MovieLens;
 * a ``.csv`` / ``.parquet`` file -> the generic interactions table (``table_kwargs`` as for
   :func:`load_interactions_table`);
 * any other file -> SASRec-style sequences (``user item item ...``).
@@ -21,6 +21,9 @@ from onerec_fast.data.tables import load_interactions_table
 
 __all__ = ["load_source"]
 
+# MovieLens ratings files (ML-100K, ML-1M): given one, its folder is read (users, items, ratings, features).
+_MOVIELENS_FILES = ("u.data", "ratings.dat")
+
 
 def load_source(spec: str, *, seed: int = 0, synthetic_overrides: dict | None = None,
                 table_kwargs: dict | None = None) -> tuple[InteractionLog, SyntheticWorld | None]:
@@ -31,6 +34,8 @@ def load_source(spec: str, *, seed: int = 0, synthetic_overrides: dict | None = 
     p = Path(spec)
     if p.is_dir():
         return load_movielens(p), None
+    if p.name in _MOVIELENS_FILES and p.is_file():  # the ratings file of a MovieLens folder: the folder
+        return load_movielens(p.parent), None
     if not p.exists():
         raise FileNotFoundError(f"data source {spec!r}: not 'synthetic' and no such file or folder")
     if p.suffix.lower() in (".csv", ".parquet", ".pq"):
