@@ -27,6 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from onerec_fast.cli_args import non_negative_int, number, positive_int
+
 __all__ = ["add_arguments", "run", "new_author_mask"]
 
 
@@ -50,43 +52,43 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--reward", choices=("pscore", "true"), default="pscore",
                    help="P-Score model trained on the logs (default), or the synthetic world's true reward (oracle)")
     g.add_argument("--pscore", default=None, help="a saved P-Score model (default: train one on the logs)")
-    g.add_argument("--pscore-epochs", type=int, default=2)
-    g.add_argument("--viral-alpha", type=float, default=0.0,
+    g.add_argument("--pscore-epochs", type=positive_int, default=2)
+    g.add_argument("--viral-alpha", type=number(float, min=0.0), default=0.0,
                    help="viral-content control: scale rewards of over-exposed items by this (0: off)")
-    g.add_argument("--viral-share", type=float, default=0.02, help="exposure share above which an item is viral")
-    g.add_argument("--new-author-boost", type=float, default=0.0,
+    g.add_argument("--viral-share", type=number(float, min=0.0, max=1.0), default=0.02, help="exposure share above which an item is viral")
+    g.add_argument("--new-author-boost", type=number(float, min=0.0), default=0.0,
                    help="scale rewards of items by new authors by this factor (0: off)")
-    g.add_argument("--new-author-share", type=float, default=0.1,
+    g.add_argument("--new-author-share", type=number(float, min=0.0, max=1.0), default=0.1,
                    help="new authors: this share of authors, by latest first appearance in the log")
 
     g = p.add_argument_group("RSFT (before ECPO)")
-    g.add_argument("--rsft-steps", type=int, default=0, help="fine-tuning steps on the filtered sessions (0: skip)")
+    g.add_argument("--rsft-steps", type=non_negative_int, default=0, help="fine-tuning steps on the filtered sessions (0: skip)")
     g.add_argument("--rsft-field", default=None, help="engagement column ranked (default: playtime-like)")
-    g.add_argument("--rsft-quantile", type=float, default=0.5, help="fraction of sessions dropped")
-    g.add_argument("--rsft-lr", type=float, default=1e-3)
-    g.add_argument("--batch-size", type=int, default=64, help="RSFT batch size")
+    g.add_argument("--rsft-quantile", type=number(float, min=0.0, max=1.0), default=0.5, help="fraction of sessions dropped")
+    g.add_argument("--rsft-lr", type=number(float, min=0.0, min_open=True), default=1e-3)
+    g.add_argument("--batch-size", type=positive_int, default=64, help="RSFT batch size")
 
     g = p.add_argument_group("ECPO")
-    g.add_argument("--steps", type=int, default=d.steps)
-    g.add_argument("--user-fraction", type=float, default=d.user_fraction)
-    g.add_argument("--users-per-round", type=int, default=d.users_per_round, help="> 0 overrides --user-fraction")
-    g.add_argument("--group-size", type=int, default=d.group_size)
+    g.add_argument("--steps", type=positive_int, default=d.steps)
+    g.add_argument("--user-fraction", type=number(float, min=0.0, max=1.0, min_open=True), default=d.user_fraction)
+    g.add_argument("--users-per-round", type=non_negative_int, default=d.users_per_round, help="> 0 overrides --user-fraction")
+    g.add_argument("--group-size", type=positive_int, default=d.group_size)
     g.add_argument("--generation", choices=("sample", "beam"), default=d.generation)
-    g.add_argument("--temperature", type=float, default=d.temperature)
+    g.add_argument("--temperature", type=number(float, min=0.0, min_open=True), default=d.temperature)
     g.add_argument("--constrained", action="store_true", help="sample only trie-valid codes")
-    g.add_argument("--format-k", type=int, default=d.format_k)
-    g.add_argument("--format-weight", type=float, default=d.format_weight)
-    g.add_argument("--ntp-weight", type=float, default=d.ntp_weight)
-    g.add_argument("--lr", type=float, default=d.lr)
-    g.add_argument("--eps", type=float, default=d.eps)
-    g.add_argument("--delta", type=float, default=d.delta)
-    g.add_argument("--updates-per-round", type=int, default=d.updates_per_round)
+    g.add_argument("--format-k", type=positive_int, default=d.format_k)
+    g.add_argument("--format-weight", type=number(float, min=0.0), default=d.format_weight)
+    g.add_argument("--ntp-weight", type=number(float, min=0.0), default=d.ntp_weight)
+    g.add_argument("--lr", type=number(float, min=0.0, min_open=True), default=d.lr)
+    g.add_argument("--eps", type=number(float, min=0.0, min_open=True), default=d.eps)
+    g.add_argument("--delta", type=number(float, min=0.0), default=d.delta)
+    g.add_argument("--updates-per-round", type=positive_int, default=d.updates_per_round)
     g.add_argument("--mode", choices=("single", "async"), default=d.mode)
-    g.add_argument("--sync-every", type=int, default=d.sync_every)
+    g.add_argument("--sync-every", type=positive_int, default=d.sync_every)
     g.add_argument("--seed", type=int, default=d.seed)
-    g.add_argument("--eval-every", type=int, default=d.eval_every)
-    g.add_argument("--eval-users", type=int, default=256)
-    g.add_argument("--ckpt-every", type=int, default=d.ckpt_every)
+    g.add_argument("--eval-every", type=non_negative_int, default=d.eval_every)
+    g.add_argument("--eval-users", type=positive_int, default=256)
+    g.add_argument("--ckpt-every", type=non_negative_int, default=d.ckpt_every)
 
 
 def new_author_mask(log, share: float) -> torch.Tensor:

@@ -14,27 +14,29 @@ import time
 
 import torch
 
+from onerec_fast.cli_args import non_negative_int, number, positive_int
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default="synthetic",
                         help="'synthetic', a MovieLens folder (ML-100K/ML-1M), a .csv/.parquet interactions table, "
                              "or a SASRec-style sequence file (default: synthetic)")
-    parser.add_argument("--levels", type=int, default=3, help="residual levels (default 3)")
+    parser.add_argument("--levels", type=positive_int, default=3, help="residual levels (default 3)")
     parser.add_argument("--codebook-size", default="auto",
                         help="codes per level, one int or comma-separated per level; 'auto' = the power of two "
                              "nearest 4 * N^(1/levels) for N items (OneRec uses 8192 for 10^8 items)")
     parser.add_argument("--backend", default="auto", choices=("auto", "faiss", "torch"), help="k-means backend")
     parser.add_argument("--device", default=None, help="device of the torch backend (default: cuda if available)")
     parser.add_argument("--balanced", action="store_true", help="balanced (equal-size) k-means at every level")
-    parser.add_argument("--iters", type=int, default=20, help="Lloyd iterations per level")
+    parser.add_argument("--iters", type=non_negative_int, default=20, help="Lloyd iterations per level")
     parser.add_argument("--collisions", default="extra_level", choices=("extra_level", "none"),
                         help="collision policy (default: an extra disambiguation level)")
-    parser.add_argument("--dim", type=int, default=64, help="fused item-embedding width")
-    parser.add_argument("--content-weight", type=float, default=0.5, help="content share of the fused embedding")
+    parser.add_argument("--dim", type=positive_int, default=64, help="fused item-embedding width")
+    parser.add_argument("--content-weight", type=number(float, min=0.0, max=1.0), default=0.5, help="content share of the fused embedding")
     parser.add_argument("--text", default="auto", choices=("auto", "minilm", "hashed-tfidf"),
                         help="title encoder (auto: MiniLM when the optional package is installed)")
-    parser.add_argument("--num-users", type=int, default=None, help="synthetic world: number of users")
-    parser.add_argument("--num-items", type=int, default=None, help="synthetic world: number of items")
+    parser.add_argument("--num-users", type=positive_int, default=None, help="synthetic world: number of users")
+    parser.add_argument("--num-items", type=positive_int, default=None, help="synthetic world: number of items")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="save the tokenizer (.safetensors, or torch.save otherwise)")
 

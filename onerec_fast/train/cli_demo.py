@@ -22,6 +22,7 @@ import json
 import time
 from pathlib import Path
 
+from onerec_fast.cli_args import positive_int
 from onerec_fast.train.cli_common import add_device_arguments
 
 # Sizes: (synthetic world overrides, pretraining steps, batch size, beam size, SASRec epochs)
@@ -39,7 +40,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--small", action="store_true", help="tiny sizes for CI (well under 2 minutes on CPU)")
     parser.add_argument("--size", choices=tuple(_SIZES), default=None,
                         help="small, cpu or gpu (default: gpu on CUDA, else cpu; --small = small)")
-    parser.add_argument("--steps", type=int, default=None, help="override the pretraining steps")
+    parser.add_argument("--steps", type=positive_int, default=None, help="override the pretraining steps")
     parser.add_argument("--seed", type=int, default=0)
     add_device_arguments(parser)
     parser.add_argument("--out", default="runs/demo", help="folder for the checkpoint and metrics")
