@@ -380,18 +380,17 @@ class UserSequenceDataset(torch.utils.data.Dataset):
         b = np.searchsorted(self.positive_rows, target_row)
         pa = np.maximum(a, b - cfg.positive_len)
         if np.all(t <= cfg.lifelong_len):
-            lifelong = self._jagged(*_ranges(start, t), t_target)
+            lifelong = self._jagged(_ranges(start, t), t, t_target)
             lifelong.dense["cluster_size"] = torch.ones(lifelong.item.numel(), dtype=torch.float32)
         else:
             lifelong = _jag([self._lifelong(int(uu), int(s), int(tt), int(ts))
                              for uu, s, tt, ts in zip(u, start, t, t_target)])
-        pos_idx, pos_lens = _ranges(pa, b - pa)
         item = self.log.item[target_row]
         return UserBatch(
             user=torch.from_numpy(u.copy()),
             user_feats={k: torch.from_numpy(v[u].astype(np.int64)) for k, v in self.user_sparse.items()},
-            short=self._jagged(*_ranges(lo, target_row - lo), t_target),
-            positive=self._jagged(self.positive_rows[pos_idx], pos_lens, t_target),
+            short=self._jagged(_ranges(lo, target_row - lo), target_row - lo, t_target),
+            positive=self._jagged(self.positive_rows[_ranges(pa, b - pa)], b - pa, t_target),
             lifelong=lifelong,
             target_item=torch.from_numpy(item.astype(np.int64)),
             target_codes=torch.from_numpy(self.codes[item]),
@@ -402,17 +401,7 @@ class UserSequenceDataset(torch.utils.data.Dataset):
     def _jagged(self, rows: np.ndarray, lens: np.ndarray, t_target: np.ndarray) -> JaggedItems:
         """The pathway of ``rows [T]`` (``lens [B]`` per sample, in order) for targets at times ``t_target [B]``:
         the vectorized :meth:`_rows` of a whole batch."""
-        parts = self._rows(rows, np.repeat(t_target, lens))
-        offsets = np.zeros(len(lens) + 1, dtype=np.int32)
-        np.cumsum(lens, out=offsets[1:])
-        return JaggedItems(
-            offsets=torch.from_numpy(offsets),
-            item=torch.from_numpy(parts["item"].astype(np.int64)),
-            codes=torch.from_numpy(parts["codes"]),
-            sparse={k: torch.from_numpy(v.astype(np.int64)) for k, v in parts["sparse"].items()},
-            dense={k: torch.from_numpy(v.astype(np.float32)) for k, v in parts["dense"].items()},
-            max_len=int(lens.max()),
-        )
+        return _jagged_items(self._rows(rows, np.repeat(t_target, lens)), lens)
 
     def __getitem__(self, idx: int) -> dict:
         cfg = self.cfg
@@ -439,29 +428,34 @@ class UserSequenceDataset(torch.utils.data.Dataset):
 
 
 # --------------------------------------------------------------------------------------------- collation
-def _ranges(first: np.ndarray, lens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Concatenated ``arange(first[b], first[b] + lens[b])`` over b -> (indices [sum(lens)], lens)."""
-    lens = lens.astype(np.int64)
+def _ranges(first: np.ndarray, lens: np.ndarray) -> np.ndarray:
+    """Concatenated ``arange(first[b], first[b] + lens[b])`` over b: int64 ``[sum(lens)]``."""
     ends = np.cumsum(lens)
-    return np.repeat(first - (ends - lens), lens) + np.arange(ends[-1] if len(ends) else 0), lens
+    return np.repeat(first - (ends - lens), lens) + np.arange(ends[-1] if len(ends) else 0)
+
+
+def _jagged_items(part: dict, lens: np.ndarray) -> JaggedItems:
+    """``part`` (``item``, ``codes``, ``sparse``, ``dense`` arrays over all rows) cut into segments of ``lens``."""
+    offsets = np.zeros(len(lens) + 1, dtype=np.int32)
+    np.cumsum(lens, out=offsets[1:])
+    return JaggedItems(
+        offsets=torch.from_numpy(offsets),
+        item=torch.from_numpy(part["item"].astype(np.int64)),
+        codes=torch.from_numpy(part["codes"].astype(np.int64)),
+        sparse={k: torch.from_numpy(v.astype(np.int64)) for k, v in part["sparse"].items()},
+        dense={k: torch.from_numpy(v.astype(np.float32)) for k, v in part["dense"].items()},
+        max_len=int(lens.max()) if len(lens) else 0,
+    )
 
 
 def _jag(parts: list[dict]) -> JaggedItems:
-    lens = np.array([len(p["item"]) for p in parts], dtype=np.int64)
-    offsets = np.zeros(len(parts) + 1, dtype=np.int32)
-    np.cumsum(lens, out=offsets[1:])
-    item = np.concatenate([p["item"] for p in parts]).astype(np.int64)
+    """Per-sample pathway parts (:meth:`UserSequenceDataset._rows` dicts) concatenated."""
     first = parts[0]
-    return JaggedItems(
-        offsets=torch.from_numpy(offsets),
-        item=torch.from_numpy(item),
-        codes=torch.from_numpy(np.concatenate([p["codes"] for p in parts]).astype(np.int64)),
-        sparse={k: torch.from_numpy(np.concatenate([p["sparse"][k] for p in parts]).astype(np.int64))
-                for k in first["sparse"]},
-        dense={k: torch.from_numpy(np.concatenate([p["dense"][k] for p in parts]).astype(np.float32))
-               for k in first["dense"]},
-        max_len=int(lens.max()) if len(lens) else 0,
-    )
+    cat = {"item": np.concatenate([p["item"] for p in parts]),
+           "codes": np.concatenate([p["codes"] for p in parts]),
+           "sparse": {k: np.concatenate([p["sparse"][k] for p in parts]) for k in first["sparse"]},
+           "dense": {k: np.concatenate([p["dense"][k] for p in parts]) for k in first["dense"]}}
+    return _jagged_items(cat, np.array([len(p["item"]) for p in parts], dtype=np.int64))
 
 
 def collate_user_batch(samples: list[dict]) -> UserBatch:

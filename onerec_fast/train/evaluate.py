@@ -52,8 +52,6 @@ def evaluate_onerec(model, dataset, ks: tuple[int, ...] = (5, 10), beam_size: in
     """Metrics of ``model`` on a ``UserSequenceDataset`` (``split="test"`` or ``"valid"``; ``indices``: only
     those samples) by constrained beam search (``normalize``: as ``OneRec.generate``); also ``legality`` and
     ``users_per_s``."""
-    import numpy as np
-
     device = torch.device(device)
     model.eval().to(device)
     idx = np.arange(len(dataset)) if indices is None else np.asarray(indices, dtype=np.int64)
