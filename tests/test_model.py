@@ -126,18 +126,29 @@ def test_encoder_jagged_equals_padded_and_per_user(world, device):
             torch.testing.assert_close(alone.states[0] * m[i], jag.states[i] * m[i], **tol)
 
 
+def _randomize_node_heads(model, scale: float = 0.5) -> None:
+    """Node-head parameters start at zero (the code-only model): give them values a test can see."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.decoder.node_tables():
+            p.copy_(torch.randn(p.shape, generator=g) * scale)
+
+
 @pytest.mark.parametrize("device", DEVICES)
-def test_decoder_is_causal(world, device):
+@pytest.mark.parametrize("node_heads", [False, True])
+def test_decoder_is_causal(world, device, node_heads):
     _, codes, ds, _ = world
-    model = _model(ds, codes, device).eval()
+    model = _model(ds, codes, device, node_heads=node_heads).eval()
+    _randomize_node_heads(model)
     b = batch_of(ds, range(8)).to(device)
+    trie = model.decoder_trie(device)
     with torch.no_grad():
         enc = model.encode(b)
-        base = model.decoder(b.target_codes, enc)
+        base = model.decoder(b.target_codes, enc, trie)
         for level in (1, 2):
             changed = b.target_codes.clone()
             changed[:, level] = (changed[:, level] + 1) % model.cfg.vocab_sizes[level]
-            out = model.decoder(changed, enc)
+            out = model.decoder(changed, enc, trie)
             for t in range(level + 1):  # logits of code t see codes < t only
                 _assert_same(out[t], base[t], device, f"changing code {level} changed the logits of code {t}")
             if level + 1 < len(out):
@@ -145,12 +156,17 @@ def test_decoder_is_causal(world, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("moe", [True, False])
-def test_generate_matches_brute_force(world, moe, device):
+@pytest.mark.parametrize("moe, node_heads", [(True, False), (False, False), (False, True)])
+def test_generate_matches_brute_force(world, moe, node_heads, device):
     """With beam >= catalogue size the search is exhaustive: its top-K must equal ranking every item by
-    the sum of its codes' full-vocabulary log-probs under teacher forcing."""
+    the sum of its codes' log-probs under teacher forcing (full-vocabulary softmax; with node heads, the
+    trie-normalized softmax the model trains with)."""
     _, codes, ds, test = world
-    model = _model(ds, codes, device, **({} if moe else {"dec_moe_experts": 0, "dec_moe_top_k": 0})).eval()
+    over = {} if moe else {"dec_moe_experts": 0, "dec_moe_top_k": 0}
+    if node_heads:
+        over.update(node_heads=True, trie_loss=True)
+    model = _model(ds, codes, device, **over).eval()
+    _randomize_node_heads(model, 2.0)
     codes = codes.to(device)
     # Make the distributions peaky so the ranking is well separated.
     with torch.no_grad():
@@ -168,8 +184,11 @@ def test_generate_matches_brute_force(world, moe, device):
         rep = lambda t: t.repeat_interleave(n_items, 0)  # noqa: E731
         from onerec_fast.model.encoder import EncoderOutput
 
-        logits = model.decoder(codes.repeat(5, 1), EncoderOutput(rep(enc.states), rep(enc.mask)))
-        logp = sum(lg.float().log_softmax(-1).gather(1, codes.repeat(5, 1)[:, t:t + 1])[:, 0]
+        all_codes = codes.repeat(5, 1)
+        logits = model.decoder(all_codes, EncoderOutput(rep(enc.states), rep(enc.mask)), model.decoder_trie(device))
+        if node_heads:  # the softmax over each prefix's children in the catalogue
+            logits = [lg.float().masked_fill(~m, float("-inf")) for lg, m in zip(logits, model.prefix_masks(all_codes))]
+        logp = sum(lg.float().log_softmax(-1).gather(1, all_codes[:, t:t + 1])[:, 0]
                    for t, lg in enumerate(logits)).view(5, n_items)
     best = logp.topk(K, dim=1)
     assert torch.equal(out.item_ids, best.indices)

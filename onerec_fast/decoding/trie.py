@@ -283,32 +283,45 @@ class SemanticIDTrie:
         mask.scatter_(1, torch.where(ok, tokens, v), True)  # invalid padding lands in the spare column v
         return mask[:, :v]
 
+    def child_nodes(self, level: int, nodes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each node's children as depth-``(level+1)`` node ids, padded to the level's largest fan-out.
+
+        ``nodes: [R]`` (-1 = dead) -> ``ids`` int64 ``[R, max_children[level]]`` (-1 on padding) and their
+        ``tokens`` int64 of the same shape (0 on padding). No host sync."""
+        self._check_level(level)
+        nodes = self._check_index("nodes", nodes)
+        start, end = self._children(level, nodes)
+        idx = start[:, None] + torch.arange(self.max_children[level], device=self.device)
+        ok = idx < end[:, None]
+        safe = torch.where(ok, idx, 0)
+        return torch.where(ok, safe, -1), torch.where(ok, self.child_tokens[level][safe].long(), 0)
+
     def padded_children(self, level: int, nodes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The children tokens of each node padded to the level's largest fan-out (the STATIC-style dense view).
 
         Returns ``tokens`` int64 ``[R, max_children[level]]`` and ``ok`` bool of the same shape (False on
         padding, where ``tokens`` is 0). Entry ``[r, j]`` is child entry ``start_r + j``.
         """
-        self._check_level(level)
-        nodes = self._check_index("nodes", nodes)
-        start, end = self._children(level, nodes)
-        idx = start[:, None] + torch.arange(self.max_children[level], device=self.device)
-        ok = idx < end[:, None]
-        ct = self.child_tokens[level]
-        tokens = torch.where(ok, ct[torch.where(ok, idx, 0)].long(), 0)
-        return tokens, ok
+        ids, tokens = self.child_nodes(level, nodes)
+        return tokens, ids >= 0
 
     # ------------------------------------------------------------------ item queries
 
-    def _walk(self, codes: torch.Tensor) -> torch.Tensor:
-        """Leaf node of each row of ``codes: [M, L]`` (int64 ``[M]``, -1 when the code is no item's)."""
+    def prefix_nodes(self, codes: torch.Tensor) -> torch.Tensor:
+        """The node of every prefix of each row of ``codes: [M, L]``: int64 ``[M, L + 1]``, column ``l`` the
+        depth-``l`` node of ``codes[:, :l]`` (column 0 the root, 0), -1 from the first code that leaves the
+        trie on. No host sync."""
         _check_codes("codes", codes, self.num_levels)
         check_tensor("codes", codes, device=self.device)
         codes = codes.long()
-        nodes = torch.zeros(codes.shape[0], dtype=torch.int64, device=self.device)
+        nodes = [torch.zeros(codes.shape[0], dtype=torch.int64, device=self.device)]
         for lvl in range(self.num_levels):
-            nodes = self._step(lvl, nodes, codes[:, lvl])
-        return nodes
+            nodes.append(self._step(lvl, nodes[-1], codes[:, lvl]))
+        return torch.stack(nodes, dim=1)
+
+    def _walk(self, codes: torch.Tensor) -> torch.Tensor:
+        """Leaf node of each row of ``codes: [M, L]`` (int64 ``[M]``, -1 when the code is no item's)."""
+        return self.prefix_nodes(codes)[:, -1]
 
     def leaf_item(self, leaves: torch.Tensor) -> torch.Tensor:
         """First (smallest) item id of each leaf ``leaves: [M]`` (int64 ``[M]``; -1 where the leaf is -1)."""

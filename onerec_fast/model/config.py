@@ -86,6 +86,13 @@ class OneRecConfig:
     # the same renormalized probabilities at generation (beam search normalize="valid"): the model is then a
     # proper distribution over the catalogue's items. False: softmax over the whole codebook ("full").
     trie_loss: bool = False
+    # Per-prefix parameters (the decoder's node heads): every node of the catalogue's trie (each prefix of an
+    # item's codes; the depth-L nodes are the items themselves) gets an output vector and a bias, added to the
+    # code head's logit of the code that leads to it, and the prefixes of depth 1..L-1 an input vector. A code
+    # then means one thing per prefix instead of one thing under every parent. ``trie_nodes``: the node count
+    # at depth 1..L (``features_from_dataset`` fills it); the parameters belong to that catalogue.
+    node_heads: bool = False
+    trie_nodes: tuple[int, ...] = ()
     backend: str = "auto"  # passed to MoELayer and QFormer ("reference" = plain PyTorch everywhere)
 
     def __post_init__(self) -> None:
@@ -106,6 +113,10 @@ class OneRecConfig:
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         self.item_num_features = tuple(self.item_num_features)
+        self.trie_nodes = tuple(int(n) for n in self.trie_nodes)
+        if self.trie_nodes and (len(self.trie_nodes) != self.code_levels or min(self.trie_nodes) < 1):
+            raise ValueError(f"trie_nodes must hold the catalogue trie's node count at each of the {self.code_levels} "
+                             f"depths, got {self.trie_nodes}")
 
     @property
     def vocab_sizes(self) -> tuple[int, ...]:
@@ -171,7 +182,7 @@ PRESETS: dict[str, OneRecConfig] = {
     # histories use, trie-normalized code softmax (the ``small`` training recipe; docs/ARCHITECTURE.md).
     "small": OneRecConfig(
         name="small", d_model=128, n_heads=4, enc_layers=2, dec_layers=2, d_ff=512, short_len=20, pos_len=50,
-        lifelong_len=1000, num_queries=16, qformer_blocks=1, dropout=0.2, trie_loss=True,
+        lifelong_len=1000, num_queries=16, qformer_blocks=1, dropout=0.2, trie_loss=True, node_heads=True,
     ),
     "0.015b": OneRecConfig(name="0.015b", d_model=160, n_heads=5, enc_layers=5, dec_layers=5, d_ff=640),
     "0.121b": OneRecConfig(name="0.121b", d_model=512, n_heads=8, enc_layers=8, dec_layers=8, d_ff=2304),

@@ -6,6 +6,11 @@ encoder states (padding slots masked) and an FFN (``MoELayer`` for the MoE prese
 otherwise); a final RMSNorm and one LM head per level: position t predicts code level t. The training
 loss is the next-token cross-entropy averaged over the L codes.
 
+With ``cfg.node_heads`` the catalogue's trie (``onerec_fast.decoding.SemanticIDTrie``) adds per-prefix
+parameters: the logit of code ``c`` after prefix ``p`` is ``h . (W[c] + N[p + c]) + b[p + c]`` (``W`` the
+level's code head, ``N``/``b`` one vector and bias per trie node, the depth-L nodes being the items), and the
+input at position t adds the vector of the depth-t prefix. Every method then takes the ``trie``.
+
 Generation (:meth:`OneRecDecoder.step`) keeps a self-attention KV cache per beam ``[B, beam, H, t, Dh]``,
 reordered by the parent-beam indices the beam search chose, and computes the cross-attention keys and
 values of the encoder states once per user: the ``beam`` queries of one user attend to that user's
@@ -61,24 +66,70 @@ class OneRecDecoder(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.dec_layers))
         self.norm = nn.RMSNorm(d, eps=cfg.norm_eps)
         self.heads = nn.ModuleList(nn.Linear(d, v, bias=False) for v in cfg.vocab_sizes)
+        if cfg.node_heads:
+            if not cfg.trie_nodes:
+                raise ValueError("node_heads needs cfg.trie_nodes, the catalogue trie's node count per depth "
+                                 "(features_from_dataset fills it)")
+            # Zero-initialised, so training starts from the code-only model; weight decay pulls the vectors
+            # of rarely seen prefixes back to their code's shared one.
+            self.node_out = nn.ModuleList(nn.Embedding(n, d) for n in cfg.trie_nodes)
+            self.node_bias = nn.ParameterList(nn.Parameter(torch.zeros(n)) for n in cfg.trie_nodes)
+            self.node_in = nn.ModuleList(nn.Embedding(n, d) for n in cfg.trie_nodes[:-1])
+            for emb in (*self.node_out, *self.node_in):
+                nn.init.zeros_(emb.weight)
+
+    def node_tables(self) -> list[nn.Parameter]:
+        """The per-trie-node parameters (empty without ``cfg.node_heads``): their size grows with the catalogue."""
+        if not self.cfg.node_heads:
+            return []
+        return [*(e.weight for e in self.node_out), *self.node_bias, *(e.weight for e in self.node_in)]
+
+    def _need_trie(self, trie) -> None:
+        if self.cfg.node_heads and trie is None:
+            raise ValueError("this decoder has node heads (cfg.node_heads): pass the catalogue's trie "
+                             "(OneRec.decoder_trie(device))")
 
     # -- shared pieces -----------------------------------------------------------------------------------
-    def embed_token(self, token: torch.Tensor | None, t: int, shape: tuple[int, ...]) -> torch.Tensor:
+    def embed_token(self, token: torch.Tensor | None, t: int, shape: tuple[int, ...],
+                    node: torch.Tensor | None = None) -> torch.Tensor:
         """The input vector at position ``t``: BOS for t = 0, else the embedding of the level-(t-1) code
-        ``token: int64 [*shape]``. Returns ``[*shape, d]``."""
+        ``token: int64 [*shape]`` plus, with node heads, that of the depth-t prefix ``node: int64 [*shape]``
+        (-1, a prefix outside the catalogue: none). Returns ``[*shape, d]``."""
         x = self.bos.expand(*shape, -1) if t == 0 else self.code_emb[t - 1](token)
+        if node is not None and t > 0:
+            x = x + torch.where((node >= 0)[..., None], self.node_in[t - 1](node.clamp_min(0)), 0.0)
         return x + self.pos_emb[t]
+
+    def head_logits(self, t: int, h: torch.Tensor, children: tuple[torch.Tensor, torch.Tensor] | None = None
+                    ) -> torch.Tensor:
+        """Level-``t`` logits ``[R, V_t]`` of final hidden states ``h: [R, d]``. With node heads, ``children``
+        is ``trie.child_nodes(t, nodes)`` of each row's depth-t prefix (ids and tokens ``[R, K]``): each child's
+        vector and bias are added to its code's logit (fp32)."""
+        logits = self.heads[t](h)
+        if not self.cfg.node_heads:
+            return logits
+        ids, tokens = children
+        ok = ids >= 0
+        safe = ids.clamp_min(0)
+        s = torch.einsum("rd,rkd->rk", h, self.node_out[t](safe).to(h.dtype)).float() + self.node_bias[t][safe]
+        col = torch.where(ok, tokens, logits.shape[-1])  # padding lands in a spare column, dropped
+        out = torch.cat([logits.float(), logits.new_zeros(logits.shape[0], 1, dtype=torch.float32)], dim=1)
+        return out.scatter_add(1, col, torch.where(ok, s, 0.0))[:, :-1]
 
     def cross_kv(self, enc: EncoderOutput) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per layer, the cross-attention keys and values of the encoder states: ``[B, H, S, Dh]`` each."""
         return [layer.cross_attn.project_kv(enc.states) for layer in self.layers]
 
     # -- training ----------------------------------------------------------------------------------------
-    def forward(self, codes: torch.Tensor, enc: EncoderOutput) -> list[torch.Tensor]:
+    def forward(self, codes: torch.Tensor, enc: EncoderOutput, trie=None) -> list[torch.Tensor]:
         """Teacher-forced logits. ``codes: int64 [B, L]`` (the target item's codes) -> per level ``l`` the
-        logits ``[B, V_l]`` for code ``l`` given BOS and codes ``0..l-1``."""
+        logits ``[B, V_l]`` for code ``l`` given BOS and codes ``0..l-1``. ``trie``: the catalogue's, required
+        with node heads."""
+        self._need_trie(trie)
         B, L = codes.shape
-        x = torch.stack([self.embed_token(codes[:, t - 1] if t else None, t, (B,)) for t in range(L)], dim=1)
+        nodes = trie.prefix_nodes(codes) if self.cfg.node_heads else None  # [B, L + 1]
+        x = torch.stack([self.embed_token(codes[:, t - 1] if t else None, t, (B,),
+                                          nodes[:, t] if nodes is not None else None) for t in range(L)], dim=1)
         key_mask = enc.mask[:, None, None, :]
         for layer in self.layers:
             h = layer.norm1(x)
@@ -86,12 +137,14 @@ class OneRecDecoder(nn.Module):
             x = x + layer.drop(layer.cross_attn(layer.norm2(x), enc.states, key_mask))
             x = x + layer.drop(layer.ffn(layer.norm3(x)))
         h = self.norm(x)
-        return [head(h[:, t]) for t, head in enumerate(self.heads)]
+        return [self.head_logits(t, h[:, t], trie.child_nodes(t, nodes[:, t]) if nodes is not None else None)
+                for t in range(L)]
 
-    def loss(self, codes: torch.Tensor, enc: EncoderOutput, masks: list[torch.Tensor] | None = None) -> torch.Tensor:
+    def loss(self, codes: torch.Tensor, enc: EncoderOutput, masks: list[torch.Tensor] | None = None,
+             trie=None) -> torch.Tensor:
         """Next-token cross-entropy averaged over the B x L target codes (fp32). ``masks`` (bool ``[B, V_l]``
         per level, True on the target code): each level's softmax runs over the masked-in codes only."""
-        logits = [lg.float() for lg in self.forward(codes, enc)]
+        logits = [lg.float() for lg in self.forward(codes, enc, trie)]
         if masks is not None:
             logits = [lg.masked_fill(~m, float("-inf")) for lg, m in zip(logits, masks)]
         return torch.stack([F.cross_entropy(lg, codes[:, t]) for t, lg in enumerate(logits)]).mean()
@@ -101,17 +154,25 @@ class OneRecDecoder(nn.Module):
         return DecodeState(self.cross_kv(enc), enc.mask[:, None, None, :], [])
 
     def step(self, state: DecodeState, t: int, token: torch.Tensor | None, parents: torch.Tensor | None,
-             beam: int) -> torch.Tensor:
+             beam: int, nodes: torch.Tensor | None = None, trie=None) -> torch.Tensor:
         """Logits ``[B, beam, V_t]`` of code level ``t`` for every beam.
 
         ``token: int64 [B, beam]`` is each beam's level-(t-1) code (None at t = 0); ``parents: int64
         [B, beam]`` the beam each one extends (its cache row; -1 for dead beams, whose scores are -inf and
         whose outputs are ignored). At t = 0 every beam holds the same prefix (BOS), so one row per user
-        is computed and broadcast.
+        is computed and broadcast. With node heads: ``trie`` and ``nodes: int64 [B, beam]``, each beam's
+        depth-t trie node (-1 for a dead beam or a prefix outside the catalogue; ignored at t = 0).
         """
+        self._need_trie(trie)
         B = state.key_mask.shape[0]
         nb = 1 if t == 0 else beam
-        x = self.embed_token(token, t, (B, nb))  # [B, nb, d]
+        if not self.cfg.node_heads:
+            nodes = None
+        elif t == 0:
+            nodes = torch.zeros(B, 1, dtype=torch.int64, device=state.key_mask.device)
+        else:
+            nodes = nodes.long()
+        x = self.embed_token(token, t, (B, nb), nodes)  # [B, nb, d]
         if t > 0:
             idx = parents.clamp_min(0)[:, :, None, None, None]
             state.self_kv = [tuple(torch.gather(c, 1, idx.expand(-1, -1, *c.shape[2:])) if c.shape[1] == beam
@@ -132,7 +193,8 @@ class OneRecDecoder(nn.Module):
             x = x + layer.cross_attn.attend(layer.norm2(x), ck, cv, state.key_mask)  # [B, nb, d]: beams as queries
             x = x + layer.ffn(layer.norm3(x))
         state.self_kv = new_cache
-        logits = self.heads[t](self.norm(x))
+        children = trie.child_nodes(t, nodes.reshape(-1)) if self.cfg.node_heads else None
+        logits = self.head_logits(t, self.norm(x).reshape(B * nb, -1), children).view(B, nb, -1)
         return logits.expand(B, beam, -1) if nb == 1 else logits
 
     def step_flops(self, batch_size: int, beam: int, t: int, enc_lens: list[int]) -> float:

@@ -34,8 +34,11 @@ def features_from_dataset(ds, item_codes: torch.Tensor | None = None, *, use_ite
     """Config fields describing a ``onerec_fast.data.UserSequenceDataset``'s features: static (uid, unless
     ``use_user_id`` is False, + user features), categorical item features (item id, item and engagement labels),
     continuous ones (``timestamp`` + engagement + item continuous features), and the code levels / codebook
-    sizes of ``item_codes: [I, L]`` (defaults to the dataset's codes)."""
+    sizes of ``item_codes: [I, L]`` (defaults to the dataset's codes) and its trie's node counts."""
+    from onerec_fast.decoding.trie import SemanticIDTrie
+
     codes = torch.as_tensor(ds.codes if item_codes is None else item_codes)
+    sizes = tuple(int(v) + 1 for v in codes.max(dim=0).values.tolist())
     card = ds.cardinalities
     static = {**({"uid": ds.log.num_users} if use_user_id else {}), **{k: card[k] for k in ds.user_sparse}}
     item_cat = ({"item": ds.log.num_items} if use_item_id else {})
@@ -45,7 +48,8 @@ def features_from_dataset(ds, item_codes: torch.Tensor | None = None, *, use_ite
         "item_cat_features": item_cat,
         "item_num_features": ("timestamp", *ds.row_dense, *ds.item_dense),
         "code_levels": codes.shape[1],
-        "codebook_size": tuple(int(v) + 1 for v in codes.max(dim=0).values.tolist()),
+        "codebook_size": sizes,
+        "trie_nodes": tuple(SemanticIDTrie(codes, sizes).num_nodes[1:]),
     }
 
 
@@ -103,8 +107,17 @@ class OneRec(nn.Module):
         if self.item_codes.shape[0] == 0:
             raise RuntimeError("no catalogue: pass item_codes to OneRec(...) or call set_items() before generating")
         if device not in self._tries:
-            self._tries[device] = SemanticIDTrie(self.item_codes.to(device), list(self.cfg.vocab_sizes))
+            trie = SemanticIDTrie(self.item_codes.to(device), list(self.cfg.vocab_sizes))
+            if self.cfg.node_heads and tuple(trie.num_nodes[1:]) != self.cfg.trie_nodes:
+                raise ValueError(f"the catalogue's trie has {tuple(trie.num_nodes[1:])} nodes per depth but the "
+                                 f"model's node heads were built for {self.cfg.trie_nodes}: node-head parameters "
+                                 "belong to the catalogue the model was trained on")
+            self._tries[device] = trie
         return self._tries[device]
+
+    def decoder_trie(self, device: torch.device | None = None):
+        """What the decoder's methods take as ``trie``: the catalogue's trie with node heads, else None."""
+        return self.trie(device) if self.cfg.node_heads else None
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # The catalogue's size comes from the checkpoint, not from this model's (possibly empty) buffer.
@@ -137,8 +150,9 @@ class OneRec(nn.Module):
         """Training loss of a ``UserBatch``: next-token cross-entropy over the target's L codes (over the trie's
         valid children of each prefix with ``cfg.trie_loss``), plus the MoE auxiliary losses when their
         coefficients are non-zero."""
-        masks = self.prefix_masks(batch.target_codes) if self.cfg.trie_loss else None
-        loss = self.decoder.loss(batch.target_codes, self.encode(batch), masks)
+        codes = batch.target_codes
+        masks = self.prefix_masks(codes) if self.cfg.trie_loss else None
+        loss = self.decoder.loss(codes, self.encode(batch), masks, self.decoder_trie(codes.device))
         if self.cfg.moe_aux_loss_coef or self.cfg.moe_z_loss_coef:
             loss = loss + sum(m.aux_loss() for m in moe_layers(self))
         return loss
@@ -147,16 +161,13 @@ class OneRec(nn.Module):
         """bool ``[B, V_l]`` per level: the codes that extend each row's prefix ``codes[:, :l]`` to a catalogue
         item (``codes: int64 [B, L]``, the codes of catalogue items). On the device, no host sync."""
         trie = self.trie(codes.device)
-        nodes = torch.zeros(codes.shape[0], dtype=torch.int64, device=codes.device)
-        masks = []
-        for lvl in range(self.cfg.code_levels):
-            masks.append(trie.valid_mask(lvl, nodes))
-            nodes = trie.step(lvl, nodes, codes[:, lvl])
-        return masks
+        nodes = trie.prefix_nodes(codes)
+        return [trie.valid_mask(lvl, nodes[:, lvl]) for lvl in range(self.cfg.code_levels)]
 
     def code_logits(self, batch) -> list[torch.Tensor]:
         """Teacher-forced logits per level, ``[B, V_l]`` each, for ``batch.target_codes``."""
-        return self.decoder(batch.target_codes, self.encode(batch))
+        codes = batch.target_codes
+        return self.decoder(codes, self.encode(batch), self.decoder_trie(codes.device))
 
     def update_expert_bias(self) -> None:
         """Loss-free load balancing: nudge every MoE layer's expert bias by ``cfg.expert_bias_rate`` from the
@@ -182,12 +193,14 @@ class OneRec(nn.Module):
         enc = self.encode(batch)
         device = enc.states.device
         trie = self.trie(device)
+        node_trie = self.decoder_trie(device)
         state = self.decoder.start(enc)
 
         def step_fn(prefix: torch.Tensor, search_state) -> torch.Tensor:
             t = search_state.step
             token = prefix[:, :, t - 1] if t > 0 else None
-            return self.decoder.step(state, t, token, search_state.parents, beam_size).float()
+            return self.decoder.step(state, t, token, search_state.parents, beam_size, search_state.nodes,
+                                     node_trie).float()
 
         res = constrained_beam_search(step_fn, trie, len(batch), beam_size, normalize, backend=search_backend)
         return GenerateOutput(res.item_ids[:, :k], res.scores[:, :k], res.codes[:, :k])
@@ -197,7 +210,7 @@ class OneRec(nn.Module):
         """Parameter count; by default without the sparse ID tables (user/item/feature embeddings), whose
         size grows with the dataset: the count the preset names refer to."""
         sparse = {id(p) for mod in (self.encoder.static_sparse, self.encoder.item_features.sparse)
-                  for p in mod.parameters()}
+                  for p in mod.parameters()} | {id(p) for p in self.decoder.node_tables()}
         return sum(p.numel() for p in self.parameters() if include_sparse or id(p) not in sparse)
 
     def flops(self, batch, backward: bool = False) -> float:

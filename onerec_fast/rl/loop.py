@@ -160,15 +160,17 @@ def sample_generations(model, batch, group_size: int, temperature: float = 1.0, 
     device = enc.states.device
     state = model.decoder.start(enc)
     parents = torch.arange(G, device=device).expand(B, G)
-    trie = model.trie(device) if constrained else None
+    node_trie = model.decoder_trie(device)
+    trie = model.trie(device) if constrained or node_trie is not None else None
     nodes = torch.zeros(B * G, dtype=torch.int64, device=device)
     token, codes = None, []
     logp = torch.zeros(B, G, dtype=torch.float32, device=device)
     for t in range(L):
-        logits = model.decoder.step(state, t, token, parents if t else None, G).float()  # [B, G, V_t]
+        logits = model.decoder.step(state, t, token, parents if t else None, G, nodes.view(B, G),
+                                    node_trie).float()  # [B, G, V_t]
         logp_t = F.log_softmax(logits, dim=-1)
         scores = logits / temperature
-        if trie is not None:
+        if constrained:
             valid = trie.valid_mask(t, nodes).view(B, G, -1)
             scores = scores.masked_fill(~valid, float("-inf"))
         probs = F.softmax(scores, dim=-1).view(B * G, -1)
@@ -199,7 +201,7 @@ def sequence_logp(model, enc, codes: torch.Tensor) -> torch.Tensor:
     enc_g = dataclasses.replace(enc, states=enc.states.repeat_interleave(G, dim=0),
                                 mask=enc.mask.repeat_interleave(G, dim=0))
     flat = codes.reshape(B * G, L)
-    logits = model.decoder(flat, enc_g)
+    logits = model.decoder(flat, enc_g, model.decoder_trie(flat.device))
     lp = sum(F.log_softmax(lg.float(), dim=-1).gather(1, flat[:, t:t + 1]).squeeze(1) for t, lg in enumerate(logits))
     return lp.view(B, G)
 
@@ -548,7 +550,8 @@ def _policy_terms(model, batch, codes: torch.Tensor) -> tuple[torch.Tensor, torc
     """What a training update computes with the parameters (run inside the DDP/FSDP2 forward): the teacher-forced
     ``logp [B, G]`` of the generations ``codes [B, G, L]`` and the next-token loss on the logged targets (0-d)."""
     enc = model.encode(batch)
-    return sequence_logp(model, enc, codes), model.decoder.loss(batch.target_codes, enc)
+    return sequence_logp(model, enc, codes), model.decoder.loss(batch.target_codes, enc,
+                                                                trie=model.decoder_trie(enc.states.device))
 
 
 def _rank_seed(base: int, rank: int, step: int = 0) -> int:
