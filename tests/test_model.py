@@ -229,3 +229,22 @@ def test_expert_bias_moves_after_training_step(world):
     model.update_expert_bias()
     biases = torch.stack([layer.ffn.expert_bias for layer in model.decoder.layers])
     assert bool((biases != 0).any())
+
+
+def test_node_heads_belong_to_their_catalogue(world):
+    _, codes, ds, _ = world
+    with pytest.raises(ValueError, match="trie_nodes"):
+        OneRec(OneRecConfig.preset("tiny", node_heads=True))
+    with pytest.raises(ValueError, match="trie_nodes"):
+        OneRecConfig.preset("tiny", trie_nodes=(3, 4))
+    model = make_model(ds, codes, node_heads=True)
+    plain = make_model(ds, codes)
+    # node tables grow with the catalogue: counted with the sparse ID tables, not in the dense count
+    assert model.num_parameters() == plain.num_parameters()
+    assert model.num_parameters(include_sparse=True) > plain.num_parameters(include_sparse=True)
+    b = batch_of(ds, range(4))
+    with pytest.raises(ValueError, match="node heads"):
+        model.decoder(b.target_codes, model.encode(b))
+    model.set_items(codes[: codes.shape[0] // 2])
+    with pytest.raises(ValueError, match="belong to the catalogue"):
+        model.generate(b, beam_size=4)

@@ -121,7 +121,22 @@ def test_step_children_valid_mask(device):
                 assert int(trie.child_tokens[lvl][c]) == tok
                 new[key + (tok,)] = c
         assert sorted(new.values()) == list(range(trie.num_nodes[lvl + 1]))
+        # child_nodes: the same children as node ids, padded with -1
+        ids, ctok = trie.child_nodes(lvl, nodes)
+        assert ids.shape == ctok.shape == (len(keys) + 1, trie.max_children[lvl])
+        assert bool((ids[-1] == -1).all())
+        for i, k in enumerate(keys):
+            got = {int(t): int(c) for t, c in zip(ctok[i], ids[i]) if c >= 0}
+            assert got == {t: new[k + (t,)] for t in children[k]}
         prefixes = new
+    # prefix_nodes: every depth's node of each row, the root first, -1 once a code leaves the trie
+    walk = trie.prefix_nodes(codes)
+    assert walk.shape == (60, 4) and bool((walk[:, 0] == 0).all())
+    for lvl in range(3):
+        assert torch.equal(walk[:, lvl + 1], trie.step(lvl, walk[:, lvl], codes[:, lvl].long()))
+    bad = codes[:2].clone()
+    bad[:, 0] = vocab[0] + 3  # out of the vocabulary: leaves at depth 1
+    assert bool((trie.prefix_nodes(bad)[:, 1:] == -1).all())
 
 
 def test_dense_root_and_lsd_sort_paths_agree():
