@@ -16,9 +16,9 @@ import os
 
 import torch
 
-from onerec_fast.decoding.trie import SemanticIDTrie
 from onerec_fast.kernels import lm_head as k
 from onerec_fast.perf.timing import time_fn
+from onerec_fast.trie import SemanticIDTrie
 
 CONFIG_PATH = os.path.join(os.path.dirname(__file__), "..", "kernels", "configs", "lm_head.json")
 

@@ -335,9 +335,9 @@ def test_bad_input_raises():
 # ----------------------------------------------------------------------------------------------- GPU
 
 def _has_cuda_beam_step():
-    from onerec_fast.ops.beam_step import _cuda_beam_step_fn
+    from onerec_fast.ops.beam_step import cuda_beam_step_fn
 
-    return HAS_CUDA and _cuda_beam_step_fn() is not None
+    return HAS_CUDA and cuda_beam_step_fn() is not None
 
 
 requires_kernel = pytest.mark.skipif(not _has_cuda_beam_step(), reason="needs CUDA and the beam_step kernel")

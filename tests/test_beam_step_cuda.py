@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from onerec_fast.backends import cuda_extension
-from onerec_fast.decoding.trie import SemanticIDTrie
 from onerec_fast.ops.beam_step import beam_step, beam_step_ref
+from onerec_fast.trie import SemanticIDTrie
 from tests.beam_step_helpers import NEG_INF, assert_same_step, median_us, poison_allocator
 from tests.helpers import HAS_CUDA
 

@@ -28,7 +28,7 @@ from onerec_fast.train.checkpoint import (
 )
 from onerec_fast.train.cli_common import load_run, model_from_checkpoint
 from onerec_fast.train.dcp_reader import UnsafeCheckpointError, read_metadata
-from onerec_fast.train.pretrain import _param_groups
+from onerec_fast.train.pretrain import param_groups
 
 _SMALL_WORLD = [x for kv in ("num_users=40", "num_items=64", "median_history=20", "max_history=40",
                              "heavy_user_frac=0") for x in ("--synthetic", kv)]
@@ -74,7 +74,7 @@ def _write_dcp(pt: Path, folder: Path, lr=None) -> Path:
     process), with the first parameter group's ``lr`` replaced by ``lr`` when given (a planted entry)."""
     ck = load_checkpoint(pt)
     model = model_from_checkpoint(ck)
-    opt = torch.optim.AdamW(_param_groups(model, 0.0))  # the trainers' groups
+    opt = torch.optim.AdamW(param_groups(model, 0.0))  # the trainers' groups
     opt.load_state_dict(ck["optimizer"])
     model_sd, optim_sd = get_state_dict(model, opt)
     if lr is not None:

@@ -7,12 +7,12 @@ CUDA beam step, CUDA-graph capture, and a printed (not asserted) timing at OneRe
 import pytest
 import torch
 
-from onerec_fast.decoding.trie import SemanticIDTrie
 from onerec_fast.ops.beam_step import beam_step_ref
 from onerec_fast.ops.lm_head import (
     LMHeadCandidates, candidates_beam_step_ref, constrained_lm_head, constrained_lm_head_beam_step,
     constrained_lm_head_beam_step_ref, constrained_lm_head_ref,
 )
+from onerec_fast.trie import SemanticIDTrie
 from tests.beam_step_helpers import NEG_INF, assert_same_step, median_us, poison_allocator
 from tests.helpers import DEVICES, rel_err, requires_cuda, skip_unless_runs, tol
 

@@ -6,7 +6,7 @@ from onerec_fast.decoding.beam_search import (
     constrained_beam_search,
     constrained_beam_search_ref,
 )
-from onerec_fast.decoding.trie import SemanticIDTrie
+from onerec_fast.trie import SemanticIDTrie
 
 __all__ = [
     "BeamSearchResult",

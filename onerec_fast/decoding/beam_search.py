@@ -26,12 +26,13 @@ from typing import NamedTuple
 
 import torch
 
-from onerec_fast.decoding.trie import SemanticIDTrie
 from onerec_fast.numerics import NonFiniteWarning
 from onerec_fast.ops.beam_step import NORMALIZE, BeamStepOutput, beam_step, beam_step_ref
 from onerec_fast.ops.lm_head import constrained_lm_head_beam_step, constrained_lm_head_beam_step_ref
+from onerec_fast.trie import SemanticIDTrie
 
-__all__ = ["BeamSearchResult", "BeamSearchState", "constrained_beam_search", "constrained_beam_search_ref"]
+__all__ = ["BeamSearchResult", "BeamSearchState", "constrained_beam_search", "constrained_beam_search_ref",
+           "run_beam_search"]
 
 
 class BeamSearchResult(NamedTuple):
@@ -111,12 +112,13 @@ def _check_output(name: str, out, shape: tuple[int, ...], level: int, device: to
     return out
 
 
-def _search(step_fn, trie: SemanticIDTrie, batch_size: int, beam_size: int, normalize: str, hidden_fn,
-            lm_head_weight, step: Callable[..., BeamStepOutput], head_step: Callable[..., BeamStepOutput] | None = None
-            ) -> BeamSearchResult:
-    """The search loop. ``step(logits [R, V], nodes, scores, trie, level, beam, normalize)`` selects the beams
-    on the ``step_fn`` path, ``head_step(hidden [R, d], weight [V, d], nodes, scores, trie, level, beam,
-    normalize)`` on the ``hidden_fn`` path; both return a BeamStepOutput ``[B, beam]``."""
+def run_beam_search(step_fn, trie: SemanticIDTrie, batch_size: int, beam_size: int, normalize: str, hidden_fn,
+                    lm_head_weight, step: Callable[..., BeamStepOutput],
+                    head_step: Callable[..., BeamStepOutput] | None = None) -> BeamSearchResult:
+    """The search loop with the beam selection given (what :func:`constrained_beam_search` and its reference run;
+    the benchmark suite times other selections through it). ``step(logits [R, V], nodes, scores, trie, level,
+    beam, normalize)`` selects the beams on the ``step_fn`` path, ``head_step(hidden [R, d], weight [V, d], nodes,
+    scores, trie, level, beam, normalize)`` on the ``hidden_fn`` path; both return a BeamStepOutput ``[B, beam]``."""
     if not isinstance(trie, SemanticIDTrie):
         raise TypeError(f"trie must be a SemanticIDTrie, got {type(trie).__name__}")
     for name, v in (("batch_size", batch_size), ("beam_size", beam_size)):
@@ -213,7 +215,8 @@ def constrained_beam_search(step_fn: Callable | None, trie: SemanticIDTrie, batc
         return constrained_lm_head_beam_step(hidden, weight, nodes, scores, trie_, level, beam, norm,
                                              backend=head_backend)
 
-    return _search(step_fn, trie, batch_size, beam_size, normalize, hidden_fn, lm_head_weight, step, head_step)
+    return run_beam_search(step_fn, trie, batch_size, beam_size, normalize, hidden_fn, lm_head_weight, step,
+                           head_step)
 
 
 def constrained_beam_search_ref(step_fn: Callable | None, trie: SemanticIDTrie, batch_size: int, beam_size: int,
@@ -221,5 +224,5 @@ def constrained_beam_search_ref(step_fn: Callable | None, trie: SemanticIDTrie, 
                                 lm_head_weight: torch.Tensor | Sequence[torch.Tensor] | None = None
                                 ) -> BeamSearchResult:
     """:func:`constrained_beam_search` with the plain-PyTorch reference step (the oracle)."""
-    return _search(step_fn, trie, batch_size, beam_size, normalize, hidden_fn, lm_head_weight, beam_step_ref,
-                   constrained_lm_head_beam_step_ref)
+    return run_beam_search(step_fn, trie, batch_size, beam_size, normalize, hidden_fn, lm_head_weight, beam_step_ref,
+                           constrained_lm_head_beam_step_ref)

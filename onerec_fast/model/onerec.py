@@ -35,7 +35,7 @@ def features_from_dataset(ds, item_codes: torch.Tensor | None = None, *, use_ite
     ``use_user_id`` is False, + user features), categorical item features (item id, item and engagement labels),
     continuous ones (``timestamp`` + engagement + item continuous features), and the code levels / codebook
     sizes of ``item_codes: [I, L]`` (defaults to the dataset's codes) and its trie's node counts."""
-    from onerec_fast.decoding.trie import SemanticIDTrie
+    from onerec_fast.trie import SemanticIDTrie
 
     codes = torch.as_tensor(ds.codes if item_codes is None else item_codes)
     sizes = tuple(int(v) + 1 for v in codes.max(dim=0).values.tolist())
@@ -101,7 +101,7 @@ class OneRec(nn.Module):
 
     def trie(self, device: torch.device | None = None):
         """The ``SemanticIDTrie`` of the catalogue on ``device`` (built once per device)."""
-        from onerec_fast.decoding.trie import SemanticIDTrie
+        from onerec_fast.trie import SemanticIDTrie
 
         device = torch.device(device) if device is not None else self.item_codes.device
         if self.item_codes.shape[0] == 0:

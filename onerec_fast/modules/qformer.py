@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from onerec_fast.ops._checks import check_tensor
+from onerec_fast.checks import check_tensor
 from onerec_fast.ops.varlen_attention import padded_cross_attention, varlen_cross_attention
 
 __all__ = ["QFormerCrossAttention", "QFormer"]

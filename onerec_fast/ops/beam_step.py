@@ -27,9 +27,11 @@ from typing import NamedTuple
 import torch
 
 from onerec_fast.backends import cuda_extension, resolve_backend
-from onerec_fast.ops._checks import check_tensor
+from onerec_fast.checks import check_tensor
+from onerec_fast.trie import SemanticIDTrie
 
-__all__ = ["BeamStepOutput", "beam_step", "beam_step_ref", "topk_lowest_index", "drop_invalid", "NORMALIZE"]
+__all__ = ["BeamStepOutput", "beam_step", "beam_step_ref", "topk_lowest_index", "drop_invalid", "NORMALIZE",
+           "cuda_beam_step_fn"]
 
 NORMALIZE = ("full", "valid")
 IMPLEMENTED = ("cuda", "reference")
@@ -70,8 +72,6 @@ def drop_invalid(cand: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
 
 
 def _check_step(logits, nodes, scores, trie, level: int, beam: int, normalize: str) -> tuple[int, int]:
-    from onerec_fast.decoding.trie import SemanticIDTrie
-
     if not isinstance(trie, SemanticIDTrie):
         raise TypeError(f"trie must be a SemanticIDTrie, got {type(trie).__name__}")
     if isinstance(level, bool) or not isinstance(level, int) or not 0 <= level < trie.num_levels:
@@ -117,12 +117,13 @@ def beam_step_ref(logits: torch.Tensor, nodes: torch.Tensor, scores: torch.Tenso
     parents = torch.where(dead, -1, flat // v)
     tokens = torch.where(dead, -1, flat % v)
     parent_rows = (torch.arange(b, device=logits.device)[:, None] * beam + parents.clamp(min=0)).view(-1)
-    child = trie._step(level, nodes[parent_rows].long(), tokens.view(-1)).view(b, beam)
+    child = trie.step_unchecked(level, nodes[parent_rows].long(), tokens.view(-1)).view(b, beam)
     new_nodes = torch.where(dead, -1, child).to(torch.int32)
     return BeamStepOutput(tokens, parents, new_nodes, top)
 
 
-def _cuda_beam_step_fn():
+def cuda_beam_step_fn():
+    """The extension's fused beam step kernel (``_C.beam_step``), or None when it is not built."""
     ext = cuda_extension()
     return getattr(ext, "beam_step", None) if ext is not None else None
 
@@ -138,7 +139,7 @@ def beam_step(logits: torch.Tensor, nodes: torch.Tensor, scores: torch.Tensor, t
     chosen = resolve_backend("beam_step", backend, logits.device, IMPLEMENTED)
     if chosen == "cuda":
         why = ("the extension onerec_fast._C has no beam_step kernel (csrc/beam_step/ was not built)"
-               if _cuda_beam_step_fn() is None else
+               if cuda_beam_step_fn() is None else
                f"beam {beam} > {CUDA_MAX_BEAM}" if beam > CUDA_MAX_BEAM else None)
         if why is not None:
             if backend not in (None, "auto"):
@@ -156,8 +157,8 @@ def beam_step_cuda(logits: torch.Tensor, nodes: torch.Tensor, scores: torch.Tens
                    child_tokens: torch.Tensor, dense_root: torch.Tensor | None, beam: int, normalize: str
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The fused CUDA beam step on one level's trie arrays; returns (tokens, parents, nodes, scores) ``[B, beam]``."""
-    return tuple(_cuda_beam_step_fn()(logits, nodes, scores, child_start, child_tokens, dense_root, beam,
-                                      normalize == "valid"))
+    return tuple(cuda_beam_step_fn()(logits, nodes, scores, child_start, child_tokens, dense_root, beam,
+                                     normalize == "valid"))
 
 
 @beam_step_cuda.register_fake

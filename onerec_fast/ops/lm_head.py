@@ -1,7 +1,7 @@
 """Trie-constrained LM head: the logits of each beam's valid children and the normalizer, without ``[R, V]`` logits.
 
 For hidden states ``hidden: [R, d]`` (R = B * beam), the output embedding ``weight: [V, d]`` (+ ``bias: [V]``) and
-one level of a :class:`~onerec_fast.decoding.trie.SemanticIDTrie`, :func:`constrained_lm_head` returns
+one level of a :class:`~onerec_fast.trie.SemanticIDTrie`, :func:`constrained_lm_head` returns
 :class:`LMHeadCandidates` in a compact, child-indexed layout (the trie's ``padded_children`` view):
 
 * ``child_logits: float32 [R, M]``, ``M = trie.max_children[level]``: column ``j`` is the logit
@@ -33,8 +33,9 @@ from typing import NamedTuple
 import torch
 
 from onerec_fast.backends import cuda_extension, resolve_backend
-from onerec_fast.ops._checks import FLOAT_DTYPES, check_dim, check_same, check_tensor
+from onerec_fast.checks import FLOAT_DTYPES, check_dim, check_same, check_tensor
 from onerec_fast.ops.beam_step import NORMALIZE, BeamStepOutput, beam_step_ref, drop_invalid, topk_lowest_index
+from onerec_fast.trie import SemanticIDTrie
 
 __all__ = [
     "LMHeadCandidates", "constrained_lm_head", "constrained_lm_head_ref", "constrained_lm_head_beam_step",
@@ -56,8 +57,6 @@ class LMHeadCandidates(NamedTuple):
 
 
 def _check(hidden, weight, nodes, trie, level, normalize, bias, scores, method) -> None:
-    from onerec_fast.decoding.trie import SemanticIDTrie
-
     if not isinstance(trie, SemanticIDTrie):
         raise TypeError(f"trie must be a SemanticIDTrie, got {type(trie).__name__}")
     if isinstance(level, bool) or not isinstance(level, int) or not 0 <= level < trie.num_levels:

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from onerec_fast.backends import resolve_backend
-from onerec_fast.ops._checks import FLOAT_DTYPES, check_cu_seqlens, check_same, check_tensor
+from onerec_fast.checks import FLOAT_DTYPES, check_cu_seqlens, check_same, check_tensor
 from onerec_fast.ops.moe_routing import (
     MoERouting,
     _routing_outputs,

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from onerec_fast.backends import cuda_extension, resolve_backend
-from onerec_fast.ops._checks import FLOAT_DTYPES, check_tensor
+from onerec_fast.checks import FLOAT_DTYPES, check_tensor
 
 __all__ = ["ROUTERS", "MoERouting", "moe_aux_loss", "moe_route", "moe_route_bwd", "moe_route_ref", "moe_z_loss"]
 

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from onerec_fast.backends import resolve_backend
-from onerec_fast.ops._checks import FLOAT_DTYPES, check_cu_seqlens, check_dim, check_same, check_tensor
+from onerec_fast.checks import FLOAT_DTYPES, check_cu_seqlens, check_dim, check_same, check_tensor
 
 __all__ = [
     "varlen_cross_attention",

@@ -28,8 +28,8 @@ import warnings
 
 import torch
 
+from onerec_fast.checks import check_tensor
 from onerec_fast.numerics import NonFiniteWarning
-from onerec_fast.ops._checks import check_tensor
 
 __all__ = ["group_advantages", "ecpo_loss", "ecpo_loss_with_advantages"]
 

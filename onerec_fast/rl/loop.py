@@ -69,7 +69,7 @@ from onerec_fast.train.parallel import (
     local_device,
     shard_range,
 )
-from onerec_fast.train.pretrain import _param_groups  # AdamW groups: no decay on 1-D parameters, as pretraining
+from onerec_fast.train.pretrain import param_groups  # AdamW groups: no decay on 1-D parameters, as pretraining
 from onerec_fast.train.progress import ProgressBar
 
 __all__ = [
@@ -281,7 +281,7 @@ class ECPOTrainer:
         self.parallel = ParallelModel(model, self.device, cfg.parallel)  # before the optimizer: FSDP2 swaps parameters
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.eval_fn, self.show_progress, self.meta = eval_fn, show_progress, meta or {}
-        self.opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95),
+        self.opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95),
                                      fused=self.device.type == "cuda" or None)
         self.trie = model.trie(self.device)
         self.format_reward = FormatReward(self.trie, cfg.format_k) if cfg.format_k else None

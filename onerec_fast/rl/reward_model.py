@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from onerec_fast.ops._checks import check_tensor
+from onerec_fast.checks import check_tensor
 from onerec_fast.train.checkpoint import load_checkpoint, save_checkpoint
 
 __all__ = ["PScoreConfig", "PScoreModel", "PScoreReward", "log_objectives", "train_pscore"]

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from onerec_fast.ops._checks import check_tensor
+from onerec_fast.checks import check_tensor
 
 __all__ = [
     "FormatReward",

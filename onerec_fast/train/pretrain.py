@@ -42,7 +42,8 @@ from onerec_fast.train.parallel import (PARALLEL_MODES, ParallelModel, all_reduc
                                         init_distributed, local_device)
 from onerec_fast.train.progress import ProgressBar
 
-__all__ = ["TrainConfig", "Trainer", "EpochBatchSampler", "NonFiniteTrainingError", "lr_at", "plot_metrics"]
+__all__ = ["TrainConfig", "Trainer", "EpochBatchSampler", "NonFiniteTrainingError", "lr_at", "param_groups",
+           "plot_metrics"]
 
 
 @dataclass
@@ -132,7 +133,8 @@ class EpochBatchSampler(torch.utils.data.Sampler):
         return 2**62
 
 
-def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW parameter groups: ``weight_decay`` on the trainable matrices, none on 1-D parameters (biases, norms)."""
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
@@ -192,7 +194,7 @@ class Trainer:
         self.meta = meta or {}
         self.eval_fn = eval_fn
         fused = self.device.type == "cuda"
-        self.opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr,
+        self.opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
                                      betas=(cfg.beta1, cfg.beta2), fused=fused or None)
         self.step = 0
         self.history: list[tuple[int, float]] = []

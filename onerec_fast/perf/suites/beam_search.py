@@ -38,13 +38,13 @@ from collections.abc import Callable
 
 import torch
 
-from onerec_fast.decoding.beam_search import _search
-from onerec_fast.decoding.trie import SemanticIDTrie
-from onerec_fast.ops.beam_step import BeamStepOutput, beam_step, beam_step_ref
+from onerec_fast.decoding.beam_search import run_beam_search
+from onerec_fast.ops.beam_step import BeamStepOutput, beam_step, beam_step_ref, cuda_beam_step_fn
 from onerec_fast.ops.lm_head import constrained_lm_head_beam_step, constrained_lm_head_beam_step_ref
 from onerec_fast.perf.flops import lm_head_flops
 from onerec_fast.perf.harness import Case, Unavailable
 from onerec_fast.perf.timing import capture_cuda_graph
+from onerec_fast.trie import SemanticIDTrie
 
 SUITE = "beam_search"
 FULL = dict(users=32, beam=128, vocab=8192, levels=3, d=1024, item_sets=(1_000_000, 10_000_000),
@@ -218,9 +218,7 @@ def _make(label: str, run: Callable[[dict], Callable[[], object]]):
     def make(inputs: dict):
         dev = inputs["device"]
         if label.startswith("cuda"):
-            from onerec_fast.ops.beam_step import _cuda_beam_step_fn
-
-            if dev.type != "cuda" or _cuda_beam_step_fn() is None:
+            if dev.type != "cuda" or cuda_beam_step_fn() is None:
                 raise Unavailable("the fused beam_step kernel needs CUDA and onerec_fast._C built with csrc/beam_step")
         if label.startswith("fused"):
             from onerec_fast.backends import resolve_backend
@@ -283,8 +281,8 @@ def _search_case(n, normalize, users, cfg, device, dtype, hf: bool) -> Case:
             inputs["python_trie"] = python_trie(trie)
         return inputs
 
-    impls = {label: _make(label, lambda x, f=fn: (lambda: _search(x["step_fn"], x["trie"], users, beam, normalize,
-                                                                  None, None, f)))
+    impls = {label: _make(label, lambda x, f=fn: (lambda: run_beam_search(x["step_fn"], x["trie"], users, beam,
+                                                                          normalize, None, None, f)))
              for label, fn in _with_graphs(STEPS).items()}
     if hf:
         impls = {"hf_prefix_fn": lambda x: (lambda: hf_prefix_fn_search(x["step_fn"], x["python_trie"], users, beam,
@@ -356,8 +354,8 @@ def _lm_search_case(n, normalize, cfg, device, dtype) -> Case:
                 "device": device}
 
     def run(head_step):
-        return lambda x: (lambda: _search(None, x["trie"], users, beam, normalize, x["hidden_fn"], x["weight"],
-                                          None, head_step))
+        return lambda x: (lambda: run_beam_search(None, x["trie"], users, beam, normalize, x["hidden_fn"],
+                                                  x["weight"], None, head_step))
 
     impls = {label: _make(label, run(fn)) for label, fn in _with_graphs(_head_steps(normalize)).items()}
     name = f"search {levels} levels LM head N={_size(n)} {normalize} {users}x{beam} d{d}"

@@ -1,4 +1,5 @@
-"""Argument checks shared by the ops: every message names the argument and what was expected."""
+"""Argument checks shared by every layer (ops, trie, modules, decoding, rl): every message names the argument and
+what was expected."""
 
 from __future__ import annotations
 

@@ -15,6 +15,8 @@ ids, ascending) are the items whose codes end at leaf ``n``, so duplicate codes 
 
 Everything is built on the codes' device by one sort and per-level ``unique``-style boundary flags: there
 is no Python loop over items.
+
+A lower layer: the ops, the decoding and the model import this module; it imports only ``onerec_fast.checks``.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from onerec_fast.ops._checks import check_tensor
+from onerec_fast.checks import check_tensor
 
 __all__ = ["SemanticIDTrie"]
 
@@ -247,9 +249,11 @@ class SemanticIDTrie:
         tokens = self._check_index("tokens", tokens)
         if tokens.shape != nodes.shape:
             raise ValueError(f"tokens must have the shape of nodes {tuple(nodes.shape)}, got {tuple(tokens.shape)}")
-        return self._step(level, nodes, tokens)
+        return self.step_unchecked(level, nodes, tokens)
 
-    def _step(self, level: int, nodes: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    def step_unchecked(self, level: int, nodes: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """:meth:`step` without its argument checks, for hot paths whose arguments are already valid: ``level``
+        an int in ``[0, num_levels)``, ``nodes`` and ``tokens`` int64 ``[R]`` on the trie's device."""
         ct = self.child_tokens[level]
         if level == 0 and self.dense_root is not None:
             ok = (nodes == 0) & (tokens >= 0) & (tokens < self.vocab_sizes[0])
@@ -316,7 +320,7 @@ class SemanticIDTrie:
         codes = codes.long()
         nodes = [torch.zeros(codes.shape[0], dtype=torch.int64, device=self.device)]
         for lvl in range(self.num_levels):
-            nodes.append(self._step(lvl, nodes[-1], codes[:, lvl]))
+            nodes.append(self.step_unchecked(lvl, nodes[-1], codes[:, lvl]))
         return torch.stack(nodes, dim=1)
 
     def _walk(self, codes: torch.Tensor) -> torch.Tensor:
