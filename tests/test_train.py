@@ -29,6 +29,24 @@ def test_lr_schedule():
         TrainConfig(steps=0)
 
 
+def test_time_budget_anneals_the_schedule_before_it_stops(world, monkeypatch):
+    """A budget that ends the run long before cfg.steps moves the cosine's end to the projected last step, so
+    the run still anneals: the lr of the last logged window is near min_lr, not still at its peak."""
+    import onerec_fast.train.pretrain as pretrain
+
+    clock = iter(np.arange(0.0, 1e6, 0.05))  # every host-time read advances the fake clock 50 ms
+    monkeypatch.setattr(pretrain.time, "perf_counter", lambda: float(next(clock)))
+    _, codes, ds, _ = world
+    cfg = TrainConfig(steps=100_000, batch_size=8, lr=1.0, warmup_steps=2, log_every=2, min_lr_ratio=0.1,
+                      time_budget_s=4.0)
+    trainer = Trainer(make_model(ds, codes), ds, cfg, show_progress=False)
+    trainer.train()
+    assert 10 < trainer.step < 100, trainer.step
+    assert trainer.horizon <= trainer.step + 4
+    assert trainer.metrics[-1]["lr"] < 0.3 and max(r["lr"] for r in trainer.metrics) > 0.8
+    assert lr_at(50, cfg, horizon=98) == pytest.approx(lr_at(50, TrainConfig(steps=98, lr=1.0, warmup_steps=2)))
+
+
 def test_epoch_batch_sampler_resumes_mid_epoch():
     full = EpochBatchSampler(10, 3, seed=4)
     it = iter(full)

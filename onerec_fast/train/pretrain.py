@@ -84,12 +84,12 @@ class TrainConfig:
             raise ValueError(f"expert_parallel needs parallel='ddp', got parallel={self.parallel!r}")
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
+def lr_at(step: int, cfg: TrainConfig, horizon: int | None = None) -> float:
     """Learning rate of optimizer step ``step`` (0-based): linear warmup over ``warmup_steps`` to ``lr``,
-    then cosine decay to ``min_lr_ratio * lr`` at ``steps``."""
+    then cosine decay to ``min_lr_ratio * lr`` at ``horizon`` (default ``cfg.steps``)."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    span = max(1, cfg.steps - cfg.warmup_steps)
+    span = max(1, (cfg.steps if horizon is None else horizon) - cfg.warmup_steps)
     frac = min(1.0, (step - cfg.warmup_steps) / span)
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
 
@@ -202,6 +202,9 @@ class Trainer:
         # Model selection: the best validation result so far, its step, evaluations since it improved.
         self.selection = {"best": -math.inf, "best_step": -1, "since_best": 0}
         self._bad_step = torch.full((), _NONE, dtype=torch.int64, device=self.device)  # first non-finite step
+        # Where the cosine schedule ends: cfg.steps, or sooner when cfg.time_budget_s will stop the run first
+        # (projected from the measured step rate, evaluations included), so a budgeted run still anneals.
+        self.horizon = cfg.steps
         self._peak = None
 
     # -- state ----------------------------------------------------------------------------------------------
@@ -278,7 +281,7 @@ class Trainer:
         model.train()
         batch = batch_cpu.to(self.device, non_blocking=True)
         for g in self.opt.param_groups:
-            g["lr"] = lr_at(self.step, cfg)
+            g["lr"] = lr_at(self.step, cfg, self.horizon)
         amp = self.device.type == "cuda" and cfg.amp
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp):
             loss = self.parallel(_loss, batch)
@@ -305,7 +308,7 @@ class Trainer:
         if step != _NONE:
             kept = "; the last checkpoint on disk is kept" if self.out_dir is not None else ""
             raise NonFiniteTrainingError(
-                f"non-finite loss or gradient at step {step + 1} (lr {lr_at(step, self.cfg):.3g}): training "
+                f"non-finite loss or gradient at step {step + 1} (lr {lr_at(step, self.cfg, self.horizon):.3g}): training "
                 f"stopped{kept}. Lower --lr, raise --warmup, or train in fp32 (--no-amp) to find the cause")
 
     def train(self, steps: int | None = None) -> list[tuple[int, float]]:
@@ -318,6 +321,7 @@ class Trainer:
         bar = ProgressBar(end, "train", start=self.step) if self.show_progress and self.parallel.is_main else None
         window_flops, window_tokens, pending = 0.0, 0, []
         t0 = started = time.perf_counter()
+        first = self.step
         it = iter(self._loader())
         try:
             while self.step < end:
@@ -331,7 +335,7 @@ class Trainer:
                     losses, window_flops, window_tokens = self._window_totals(pending, window_flops, window_tokens)
                     self.history += [(s + 1, v) for (s, _), v in zip(pending, losses)]
                     dt = time.perf_counter() - t0
-                    row = {"step": self.step, "loss": sum(losses) / len(losses), "lr": lr_at(self.step - 1, cfg),
+                    row = {"step": self.step, "loss": sum(losses) / len(losses), "lr": lr_at(self.step - 1, cfg, self.horizon),
                            "grad_norm": float(self._grad_norm), "tokens_per_s": window_tokens / dt,
                            "mfu": self._mfu(window_flops, dt), "step_ms": 1e3 * dt / len(losses)}
                     self._log(row)
@@ -341,8 +345,11 @@ class Trainer:
                     window_flops, window_tokens, pending = 0.0, 0, []
                     t0 = time.perf_counter()
                 # the budget is host time (no sync); every rank agrees on it through the broadcast
-                out_of_time = bool(cfg.time_budget_s) and broadcast_object(
-                    time.perf_counter() - started > cfg.time_budget_s)
+                elapsed = time.perf_counter() - started
+                out_of_time = bool(cfg.time_budget_s) and broadcast_object(elapsed > cfg.time_budget_s)
+                if cfg.time_budget_s and self.step % cfg.log_every == 0 and self.step - first >= 2 * cfg.log_every:
+                    self.horizon = broadcast_object(
+                        self._budget_horizon(end, elapsed, (self.step - first) / elapsed))
                 stop = out_of_time
                 if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step != end and not stop:
                     stop = self.evaluate()
@@ -359,6 +366,12 @@ class Trainer:
         if self.out_dir is not None:
             self.save()
         return self.history
+
+    def _budget_horizon(self, end: int, elapsed: float, steps_per_s: float) -> int:
+        """The step at which ``cfg.time_budget_s`` will stop the run at ``steps_per_s`` (at most ``end``, at
+        least the next step): the cosine schedule's end for a budgeted run."""
+        left = max(0.0, self.cfg.time_budget_s - elapsed)
+        return int(min(end, max(self.step + 1, self.step + left * steps_per_s)))
 
     def _stopped_early(self) -> bool:
         return bool(self.cfg.patience) and self.selection["since_best"] >= self.cfg.patience
