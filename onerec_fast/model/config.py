@@ -11,7 +11,7 @@ level) are counted.
 preset     d_model  heads   enc / dec    d_ff (expert) FFN
 =========  =======  ======  ===========  ============  ============================================
 tiny       64       4       2 / 2        128           decoder MoE 4 experts top-2 (tests)
-small      128      4       2 / 2        512           dense SwiGLU, dropout 0.2 (public benchmark sizes)
+small      128      4       2 / 2        512           dense SwiGLU, dropout 0.2, node heads (public benchmarks)
 0.015b     160      5       5 / 5        640           dense SwiGLU
 0.121b     512      8       8 / 8        2304          dense SwiGLU
 0.935b     1024     16      8 / 8        4096 / 1024   decoder MoE 24 experts top-2 (expert d_ff 1024)
@@ -179,7 +179,7 @@ PRESETS: dict[str, OneRecConfig] = {
         item_cat_features={"item": 4096, "author": 256, "tag": 64},
     ),
     # Public benchmark sizes (10^5-10^6 interactions): narrow and shallow, dropout, pathways cut to what such
-    # histories use, trie-normalized code softmax (the ``small`` training recipe; docs/ARCHITECTURE.md).
+    # histories use, trie-normalized code softmax, node heads (the ``small`` training recipe; docs/ARCHITECTURE.md).
     "small": OneRecConfig(
         name="small", d_model=128, n_heads=4, enc_layers=2, dec_layers=2, d_ff=512, short_len=20, pos_len=50,
         lifelong_len=1000, num_queries=16, qformer_blocks=1, dropout=0.2, trie_loss=True, node_heads=True,

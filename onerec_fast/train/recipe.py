@@ -7,7 +7,7 @@ without per-file flags.
 
 * ``small`` (up to ``SMALL_MAX_INTERACTIONS``: MovieLens-100K/1M, the Amazon 5-core sets, Yelp, Steam): the
   ``small`` preset (narrow, shallow, dropout, pathways cut to what such histories use, trie-normalized code
-  softmax; these sets have 10^5-10^6 interactions, where the TR's 0.015b preset without dropout overfits after
+  softmax, per-trie-node output vectors; these sets have 10^5-10^6 interactions, where the TR's 0.015b preset without dropout overfits after
   about three epochs), no user-id embedding, and model selection on the validation split with early stopping.
 * ``tr``: the OneRec TR's setting (a named preset, its pathway lengths, no dropout) for large logs.
 
