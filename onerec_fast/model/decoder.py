@@ -121,13 +121,17 @@ class OneRecDecoder(nn.Module):
         return [layer.cross_attn.project_kv(enc.states) for layer in self.layers]
 
     # -- training ----------------------------------------------------------------------------------------
-    def forward(self, codes: torch.Tensor, enc: EncoderOutput, trie=None) -> list[torch.Tensor]:
+    def forward(self, codes: torch.Tensor, enc: EncoderOutput, trie=None,
+                nodes: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Teacher-forced logits. ``codes: int64 [B, L]`` (the target item's codes) -> per level ``l`` the
         logits ``[B, V_l]`` for code ``l`` given BOS and codes ``0..l-1``. ``trie``: the catalogue's, required
-        with node heads."""
+        with node heads; ``nodes``: ``trie.prefix_nodes(codes)`` when the caller already walked it."""
         self._need_trie(trie)
         B, L = codes.shape
-        nodes = trie.prefix_nodes(codes) if self.cfg.node_heads else None  # [B, L + 1]
+        if not self.cfg.node_heads:
+            nodes = None
+        elif nodes is None:
+            nodes = trie.prefix_nodes(codes)  # [B, L + 1]
         x = torch.stack([self.embed_token(codes[:, t - 1] if t else None, t, (B,),
                                           nodes[:, t] if nodes is not None else None) for t in range(L)], dim=1)
         key_mask = enc.mask[:, None, None, :]
@@ -141,10 +145,11 @@ class OneRecDecoder(nn.Module):
                 for t in range(L)]
 
     def loss(self, codes: torch.Tensor, enc: EncoderOutput, masks: list[torch.Tensor] | None = None,
-             trie=None) -> torch.Tensor:
+             trie=None, nodes: torch.Tensor | None = None) -> torch.Tensor:
         """Next-token cross-entropy averaged over the B x L target codes (fp32). ``masks`` (bool ``[B, V_l]``
-        per level, True on the target code): each level's softmax runs over the masked-in codes only."""
-        logits = [lg.float() for lg in self.forward(codes, enc, trie)]
+        per level, True on the target code): each level's softmax runs over the masked-in codes only.
+        ``trie``/``nodes``: as :meth:`forward`."""
+        logits = [lg.float() for lg in self.forward(codes, enc, trie, nodes)]
         if masks is not None:
             logits = [lg.masked_fill(~m, float("-inf")) for lg, m in zip(logits, masks)]
         return torch.stack([F.cross_entropy(lg, codes[:, t]) for t, lg in enumerate(logits)]).mean()

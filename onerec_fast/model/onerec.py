@@ -151,8 +151,10 @@ class OneRec(nn.Module):
         valid children of each prefix with ``cfg.trie_loss``), plus the MoE auxiliary losses when their
         coefficients are non-zero."""
         codes = batch.target_codes
-        masks = self.prefix_masks(codes) if self.cfg.trie_loss else None
-        loss = self.decoder.loss(codes, self.encode(batch), masks, self.decoder_trie(codes.device))
+        trie = self.trie(codes.device) if self.cfg.trie_loss or self.cfg.node_heads else None
+        nodes = trie.prefix_nodes(codes) if trie is not None else None  # one walk serves masks and node heads
+        masks = self._valid_masks(trie, nodes) if self.cfg.trie_loss else None
+        loss = self.decoder.loss(codes, self.encode(batch), masks, self.decoder_trie(codes.device), nodes)
         if self.cfg.moe_aux_loss_coef or self.cfg.moe_z_loss_coef:
             loss = loss + sum(m.aux_loss() for m in moe_layers(self))
         return loss
@@ -161,7 +163,9 @@ class OneRec(nn.Module):
         """bool ``[B, V_l]`` per level: the codes that extend each row's prefix ``codes[:, :l]`` to a catalogue
         item (``codes: int64 [B, L]``, the codes of catalogue items). On the device, no host sync."""
         trie = self.trie(codes.device)
-        nodes = trie.prefix_nodes(codes)
+        return self._valid_masks(trie, trie.prefix_nodes(codes))
+
+    def _valid_masks(self, trie, nodes: torch.Tensor) -> list[torch.Tensor]:
         return [trie.valid_mask(lvl, nodes[:, lvl]) for lvl in range(self.cfg.code_levels)]
 
     def code_logits(self, batch) -> list[torch.Tensor]:

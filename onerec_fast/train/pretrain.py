@@ -308,8 +308,8 @@ class Trainer:
         if step != _NONE:
             kept = "; the last checkpoint on disk is kept" if self.out_dir is not None else ""
             raise NonFiniteTrainingError(
-                f"non-finite loss or gradient at step {step + 1} (lr {lr_at(step, self.cfg, self.horizon):.3g}): training "
-                f"stopped{kept}. Lower --lr, raise --warmup, or train in fp32 (--no-amp) to find the cause")
+                f"non-finite loss or gradient at step {step + 1} (lr {lr_at(step, self.cfg, self.horizon):.3g}): "
+                f"training stopped{kept}. Lower --lr, raise --warmup, or train in fp32 (--no-amp) to find the cause")
 
     def train(self, steps: int | None = None) -> list[tuple[int, float]]:
         """Run until ``steps`` (default ``cfg.steps``) optimizer steps are done in total, or until the
@@ -335,9 +335,10 @@ class Trainer:
                     losses, window_flops, window_tokens = self._window_totals(pending, window_flops, window_tokens)
                     self.history += [(s + 1, v) for (s, _), v in zip(pending, losses)]
                     dt = time.perf_counter() - t0
-                    row = {"step": self.step, "loss": sum(losses) / len(losses), "lr": lr_at(self.step - 1, cfg, self.horizon),
-                           "grad_norm": float(self._grad_norm), "tokens_per_s": window_tokens / dt,
-                           "mfu": self._mfu(window_flops, dt), "step_ms": 1e3 * dt / len(losses)}
+                    row = {"step": self.step, "loss": sum(losses) / len(losses),
+                           "lr": lr_at(self.step - 1, cfg, self.horizon), "grad_norm": float(self._grad_norm),
+                           "tokens_per_s": window_tokens / dt, "mfu": self._mfu(window_flops, dt),
+                           "step_ms": 1e3 * dt / len(losses)}
                     self._log(row)
                     if bar is not None:
                         bar.update(len(losses), loss=row["loss"], **{"tok/s": row["tokens_per_s"]},
