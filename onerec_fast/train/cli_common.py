@@ -20,6 +20,8 @@ def add_data_arguments(parser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the world, tokenizer, init and data order")
     parser.add_argument("--codebook-size", type=positive_int, default=None,
                         help="codes per RQ-KMeans level (default: from the catalogue size, <= 8192)")
+    parser.add_argument("--code-levels", type=positive_int, default=None,
+                        help="RQ-KMeans levels of the semantic IDs, before the collision level (default: the recipe's)")
     parser.add_argument("--synthetic", action="append", default=[], metavar="FIELD=VALUE",
                         help="synthetic world setting, repeatable (e.g. --synthetic num_users=200); see SyntheticConfig")
     add_device_arguments(parser)

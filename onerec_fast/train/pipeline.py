@@ -17,8 +17,15 @@ __all__ = ["Prepared", "prepare", "default_codebook_size", "datasets_for", "item
 
 
 def default_codebook_size(num_items: int, levels: int = 3) -> int:
-    """Codes per level for a catalogue: about ``2 * N^(1/levels)`` rounded up to a power of two, at most
-    8192 (the TR's size), so the last level separates items and the first levels share structure."""
+    """Codes per level for a catalogue of ``num_items``, at most 8192 (the TR's size).
+
+    Several levels: about ``2 * N^(1/levels)`` rounded up to a power of two, so the last level separates
+    items and the first levels share structure. One level: about ``sqrt(N)`` (the nearest power of two), so
+    the balanced clusters and the collision level that numbers each cluster's items are about the same size:
+    the two softmaxes of a class-based output layer cost the least there, and a beam as wide as the codebook
+    keeps every cluster (generation scores every item)."""
+    if levels == 1:
+        return int(min(8192, 2 ** max(2, round(math.log2(max(4.0, math.sqrt(num_items)))))))
     return int(min(8192, 2 ** math.ceil(math.log2(max(4.0, 2 * num_items ** (1 / levels))))))
 
 

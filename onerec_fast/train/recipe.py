@@ -33,6 +33,7 @@ class Recipe:
 
     name: str
     preset: str
+    code_levels: int = 3  # RQ-KMeans levels of the semantic IDs (the collision level comes on top)
     lr: float = 1e-3
     batch_size: int = 256
     epochs: float = 1.0
