@@ -46,7 +46,7 @@ import statistics
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -278,9 +278,8 @@ def fastest(candidates: Iterable[LaunchConfig], run: Callable[[LaunchConfig], ob
             ) -> tuple[LaunchConfig | None, float]:
     """``(config, median ms)`` of the fastest of ``candidates`` (duplicates timed once, ties to the
     earlier), each run by ``run(config)`` ``warmup`` times untimed, then ``reps`` times timed on ``device``;
-    ``(None, inf)`` when none runs. A candidate that raises (does
-    not compile, out of shared memory or registers) is skipped. ``log_line`` receives one line per
-    candidate (the tuners print them)."""
+    ``(None, inf)`` when none runs. A candidate that raises (does not compile, out of shared memory or
+    registers) is skipped. ``log_line`` receives one line per candidate (the tuners print them)."""
     best, best_ms = None, math.inf
     for cfg in dict.fromkeys(candidates):
         try:
@@ -309,58 +308,53 @@ def _tracing() -> bool:
 _resolved: dict[tuple[str, str, str], LaunchConfig] = {}
 
 
-def _stored(op: str, gpu: Gpu, keys: tuple[str, ...]) -> LaunchConfig | None:
+def _stored(op: str, gpu: Gpu, key: str) -> LaunchConfig | None:
     """Steps 1-3 of the lookup (module docstring): this GPU's shipped entry, its cached one, then the
     shipped entry of a GPU of the same capability (in the order of their keys)."""
     shipped = shipped_table(op)
     tables = [t[gpu.key] for t in (shipped, _read_cache(op)) if gpu.key in t]
     if gpu.capability is not None:
         tables += [shipped[g] for g in sorted(shipped) if g != gpu.key and shipped[g].capability == gpu.capability]
-    for table in tables:
-        for key in keys:
-            if key in table.configs:
-                return table.configs[key]
-    return None
+    return next((t.configs[key] for t in tables if key in t.configs), None)
 
 
-def lookup(op: str, key: str, device: torch.device, default: LaunchConfig, *, aliases: tuple[str, ...] = (),
-           candidates: Callable[[], Iterable[LaunchConfig]] | None = None,
+def lookup(op: str, key: str, device: torch.device, candidates: Callable[[], Sequence[LaunchConfig]],
            run: Callable[[LaunchConfig], object] | None = None) -> LaunchConfig:
     """The config of ``op``'s shape ``key`` on ``device`` (order: module docstring).
 
-    ``default``: the op's heuristic for this shape. ``aliases``: other shape keys whose stored config serves
-    too (searched after ``key``; tuning writes ``key``). Tuning on first use needs ``candidates`` (a
-    function giving the op's candidates for this shape, every one valid for it) and ``run(config)``, which
-    launches the kernel on the caller's tensors with that config and must give the same result however
-    often it runs (outputs written, never accumulated into).
+    ``candidates()``: the op's configs worth timing for this shape, every one valid for it, its heuristic
+    default first (the answer where nothing stored or tuned applies); called only when the answer is not
+    remembered, so a hit costs no more than the key. ``run(config)`` launches the kernel on the caller's
+    tensors with that config, for tuning on first use; it must give the same result however often it runs
+    (outputs written, never accumulated into). Without it nothing is tuned.
     """
     gpu = device_gpu(device)
     if gpu is None:
-        return default
+        return candidates()[0]
     memo = (op, gpu.key, key)
     hit = _resolved.get(memo)
     if hit is not None:
         return hit
-    cfg = _stored(op, gpu, (key, *aliases))
+    cfg = _stored(op, gpu, key)
     if cfg is None:
+        space = candidates()
         if os.environ.get(ENV_AUTOTUNE, "1") == "0":
-            cfg = default  # switched off: remembered like a tuned config
+            cfg = space[0]  # switched off: the default, remembered like a tuned config
         elif run is None or _tracing():
-            return default  # a question, or a trace that must not time: a later call may still tune
+            return space[0]  # a question, or a trace that must not time: a later call may still tune
         else:
-            cfg = _tune(op, key, gpu, device, default, candidates, run)
+            cfg = _tune(op, key, gpu, device, space, run)
     _resolved[memo] = cfg
     return cfg
 
 
-def _tune(op: str, key: str, gpu: Gpu, device: torch.device, default: LaunchConfig,
-          candidates: Callable[[], Iterable[LaunchConfig]] | None, run: Callable[[LaunchConfig], object]
-          ) -> LaunchConfig:
-    """Step 4 of the lookup: the fastest of the default and ``candidates()``, written to the cache."""
+def _tune(op: str, key: str, gpu: Gpu, device: torch.device, space: Sequence[LaunchConfig],
+          run: Callable[[LaunchConfig], object]) -> LaunchConfig:
+    """Step 4 of the lookup: the fastest of ``space`` (default first), written to the cache."""
     t0 = time.perf_counter()
-    best, ms = fastest([default, *(candidates() if candidates else ())], run, device, warmup=1, reps=TUNE_REPS)
+    best, ms = fastest(space, run, device, warmup=1, reps=TUNE_REPS)
     if best is None:  # nothing ran: the launch with the default raises the real error
-        return default
+        return space[0]
     path = cache_path(op)
     save_configs(path, gpu, {key: best}, _read_cache(op))
     log.info("onerec_fast: tuned %s %r on %s in %.1f s: %s (%.1f us), cached in %s",

@@ -270,10 +270,8 @@ def candidates(method: str, dtype: torch.dtype, interpret: bool) -> list[LaunchC
 def get_config(method: str, hidden: torch.Tensor, rows: int, vocab: int, dim: int, run=None) -> LaunchConfig:
     """The config of ``method`` for ``hidden``'s device and dtype (``launch_config.lookup``); ``run(config)``
     launches it on the caller's tensors, for tuning on first use."""
-    interpret = hidden.device.type == "cpu"
     return lookup(OP, config_key(method, hidden.dtype, rows, vocab, dim), hidden.device,
-                  default_config(method, hidden.dtype, interpret),
-                  candidates=lambda: candidates(method, hidden.dtype, interpret), run=run)
+                  lambda: candidates(method, hidden.dtype, hidden.device.type == "cpu"), run)
 
 
 def _next_pow2(x: int) -> int:

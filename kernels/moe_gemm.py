@@ -357,10 +357,8 @@ def get_config(kernel: str, x: torch.Tensor, T: int, D: int, F: int, E: int, top
     """The config of ``kernel`` for ``x``'s device and dtype (``launch_config.lookup``); ``run(config)``
     launches it on the caller's tensors, for tuning on first use."""
     interpret = _interpret() or x.device.type != "cuda"
-    elem = x.element_size()
     return lookup(OP, config_key(kernel, T, D, F, E, top_k, x.dtype), x.device,
-                  default_config(kernel, T, D, F, E, top_k, interpret, elem),
-                  candidates=lambda: candidates(kernel, T, D, F, E, top_k, interpret, elem), run=run)
+                  lambda: candidates(kernel, T, D, F, E, top_k, interpret, x.element_size()), run)
 
 
 def _tile_args(cfg: LaunchConfig) -> dict:

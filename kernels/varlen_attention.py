@@ -369,8 +369,10 @@ def keys_per_row(k: torch.Tensor, batch: int) -> int:
 
 def config_key(kernel: str, head_dim: int, seqlen_q: int, keys: int, dtype: torch.dtype) -> str:
     """Shape key of ``kernels/configs/varlen_attention.json``, e.g. ``"fwd bfloat16 d64 lq128 lk2048"``
-    (``keys``: keys per row, see :func:`keys_per_row`)."""
-    return shape_key(kernel, dtype, d=head_dim, lq=lq_bucket(seqlen_q), lk=lk_bucket(keys))
+    (``keys``: keys per row, see :func:`keys_per_row`). fp16 is keyed as bfloat16: their tiles are the same
+    size, so either's tuned config serves the other."""
+    return shape_key(kernel, torch.bfloat16 if dtype == torch.float16 else dtype, d=head_dim, lq=lq_bucket(seqlen_q),
+                     lk=lk_bucket(keys))
 
 
 def default_config(kernel: str, head_dim: int, seqlen_q: int, device_type: str, elem_bytes: int = 2
@@ -444,12 +446,8 @@ def get_config(kernel: str, head_dim: int, seqlen_q: int, keys: int, dtype: torc
                run=None) -> LaunchConfig:
     """The config of ``kernel`` for this shape (``keys``: keys per row) on ``device``
     (``launch_config.lookup``); ``run(config)`` launches it on the caller's tensors, for tuning on first use."""
-    # fp16 and bf16 tiles are the same size: either's stored config serves the other.
-    half = (torch.bfloat16, torch.float16)
-    aliases = tuple(config_key(kernel, head_dim, seqlen_q, keys, d) for d in half if dtype in half and d != dtype)
     return lookup(OP, config_key(kernel, head_dim, seqlen_q, keys, dtype), device,
-                  default_config(kernel, head_dim, seqlen_q, device.type, dtype.itemsize), aliases=aliases,
-                  candidates=lambda: candidates(kernel, head_dim, seqlen_q, device.type, dtype.itemsize), run=run)
+                  lambda: candidates(kernel, head_dim, seqlen_q, device.type, dtype.itemsize), run)
 
 
 # ----------------------------------------------------------------------------------------------

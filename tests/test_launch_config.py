@@ -52,9 +52,9 @@ def tuning(monkeypatch, tmp_path):
         seen.timed.append(fn)
         return 1.0 / len(seen.timed)
 
-    def recorded(op, key, gpu, device, default, candidates, run):
-        chosen = tune(op, key, gpu, device, default, candidates, run)
-        seen.searches.append((op, key, default, chosen))
+    def recorded(op, key, gpu, device, space, run):
+        chosen = tune(op, key, gpu, device, space, run)
+        seen.searches.append((op, key, space[0], chosen))
         return chosen
 
     tune = lc._tune
@@ -64,7 +64,7 @@ def tuning(monkeypatch, tmp_path):
 
 
 def _lookup(run=lambda cfg: None):
-    return lc.lookup("demo_op", KEY, CPU, DEFAULT, candidates=lambda: [OTHER], run=run)
+    return lc.lookup("demo_op", KEY, CPU, lambda: [DEFAULT, OTHER], run)
 
 
 def _cached(op):
@@ -141,7 +141,7 @@ def test_the_cache_folder_is_overridable(monkeypatch, tmp_path):
 
 
 def test_cpu_tensors_get_the_default():
-    assert lc.lookup("demo_op", KEY, CPU, DEFAULT, candidates=lambda: [OTHER], run=lambda cfg: None) is DEFAULT
+    assert lc.lookup("demo_op", KEY, CPU, lambda: [DEFAULT, OTHER], lambda cfg: None) is DEFAULT
 
 
 def test_another_gpu_of_the_same_capability_serves_its_entries(monkeypatch, tmp_path):
@@ -157,9 +157,9 @@ def test_another_gpu_of_the_same_capability_serves_its_entries(monkeypatch, tmp_
 
     cuda = torch.device("cuda")
     monkeypatch.setattr(lc, "device_gpu", lambda device: Gpu("sibling", "Sibling", entry.capability))
-    assert lc.lookup("moe_gemm", key, cuda, DEFAULT, candidates=lambda: [OTHER], run=never) == cfg
+    assert lc.lookup("moe_gemm", key, cuda, lambda: [DEFAULT, OTHER], never) == cfg
     monkeypatch.setattr(lc, "device_gpu", lambda device: Gpu("stranger", "Stranger", "1.0"))
-    assert lc.lookup("moe_gemm", key, cuda, DEFAULT) == DEFAULT
+    assert lc.lookup("moe_gemm", key, cuda, lambda: [DEFAULT, OTHER]) == DEFAULT
 
 
 def test_fastest_times_each_candidate_and_skips_the_ones_that_fail():
@@ -204,8 +204,8 @@ def test_a_later_process_reads_the_cache_without_timing(tuning):
         def no_timing(*args):
             raise AssertionError("timed although the config is cached")
         lc._median_ms = no_timing
-        print(lc.lookup("demo_op", {KEY!r}, torch.device("cpu"), lc.LaunchConfig(**{DEFAULT.to_json()!r}),
-                        candidates=lambda: [], run=lambda cfg: None).to_json())
+        print(lc.lookup("demo_op", {KEY!r}, torch.device("cpu"), lambda: [lc.LaunchConfig(**{DEFAULT.to_json()!r})],
+                        lambda cfg: None).to_json())
     """)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=dict(os.environ))
     assert done.returncode == 0, done.stderr
@@ -233,7 +233,7 @@ def test_no_tuning_inside_a_trace(tuning, monkeypatch, trace):
 
 
 def test_a_caller_that_only_asks_gets_the_default_untuned(tuning):
-    assert lc.lookup("demo_op", KEY, CPU, DEFAULT, candidates=lambda: [OTHER]) == DEFAULT
+    assert lc.lookup("demo_op", KEY, CPU, lambda: [DEFAULT, OTHER]) == DEFAULT
     assert tuning.timed == []
     assert _lookup() == OTHER  # not remembered: the first call that can run the kernel tunes
 
