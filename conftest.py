@@ -59,6 +59,11 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
 
 @pytest.fixture(autouse=True)
 def _private_cache_dir(tmp_path_factory, monkeypatch):
-    """Cached baseline results (``onerec_fast.train.evaluate.baseline_cache_dir``) go to a per-session temporary
-    folder, never the user's ``~/.cache``."""
+    """Cached baseline results (``onerec_fast.train.evaluate.baseline_cache_dir``) and launch configs go to a
+    per-session temporary folder, never the user's ``~/.cache``. Tuning launch configs on first use is off unless
+    ``ONEREC_FAST_AUTOTUNE`` is set: on a GPU it would tune every shape bucket the small test cases touch (a few
+    compiles each), and the tests and benchmarks are about the shipped configs (tests/test_launch_config.py turns
+    it on for itself)."""
     monkeypatch.setenv("ONEREC_FAST_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
+    if "ONEREC_FAST_AUTOTUNE" not in os.environ:
+        monkeypatch.setenv("ONEREC_FAST_AUTOTUNE", "0")

@@ -4,7 +4,8 @@
 
 Times every candidate config of the ``gemm`` method (normalize="full", levels 1 and 2 of a 1M-item trie, summed)
 and of the ``gather`` method (normalize="valid", level 2) with CUDA events and keeps the fastest under the key
-``"<method> <dtype> <rows> <vocab> <dim>"`` of this GPU's name (merged into the existing file).
+``"<method> <dtype> R<pow2 rows> V<vocab> d<dim>"`` of this GPU (merged into the existing file, written through
+``onerec_fast.kernels.launch_config``).
 """
 
 from __future__ import annotations
@@ -12,46 +13,37 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
 
 import torch
 
+from onerec_fast.kernels import launch_config
 from onerec_fast.kernels import lm_head as k
-from onerec_fast.perf.timing import time_fn
+from onerec_fast.kernels.launch_config import LaunchConfig
 from onerec_fast.trie import SemanticIDTrie
-
-CONFIG_PATH = os.path.join(os.path.dirname(__file__), "..", "kernels", "configs", "lm_head.json")
 
 
 def _gemm_configs(quick: bool):
     # quick: the Hopper-shaped corner of the grid (128-row tiles, 64-deep K, 8 warps), 12 configs.
-    # BC: children gathered per epilogue step (0 = the whole tile at once; see kernels/lm_head.py).
+    # BLOCK_C: children gathered per epilogue step (0 = the whole tile at once; see kernels/lm_head.py).
     grid = ((128,), (128, 256), (64,), (8,), (3, 4), (0, 16, 32)) if quick else \
         ((64, 128), (64, 128, 256), (32, 64, 128), (4, 8), (2, 3, 4), (0, 16))
     for bm, bn, bk, warps, stages, bc in itertools.product(*grid):
         if bm * bn >= 128 * 256 and warps == 4:
             continue
-        yield {"BM": bm, "BN": bn, "BK": bk, "GROUP_M": 8, "BC": bc, "num_warps": warps, "num_stages": stages}
+        yield LaunchConfig(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, BLOCK_C=bc, num_warps=warps,
+                           num_stages=stages)
 
 
 def _gather_configs(quick: bool):
     grid = ((16, 32), (256,), (4, 8)) if quick else ((8, 16, 32), (128, 256, 512), (2, 4, 8))
     for bc, bk, warps in itertools.product(*grid):
-        yield {"BC": bc, "BK": bk, "num_warps": warps}
+        yield LaunchConfig(BLOCK_C=bc, BLOCK_K=bk, num_warps=warps)
 
 
 def _best(label, configs, run):
-    best, best_us = None, float("inf")
-    for cfg in configs:
-        try:
-            us = time_fn(lambda: run(cfg), "cuda", warmup=2, rep=10).median_ms * 1000
-        except Exception as e:  # out of shared memory / registers for this tile: skip it
-            print(f"{label} {cfg}: failed ({type(e).__name__})")
-            continue
-        print(f"{label} {cfg}: {us:.1f} us")
-        if us < best_us:
-            best, best_us = cfg, us
-    print(f"{label} best: {best} {best_us:.1f} us")
+    best, ms = launch_config.fastest(configs, run, torch.device("cuda"), warmup=2, reps=10,
+                                     log_line=lambda line: print(f"{label} {line}"))
+    print(f"{label} best: {best and best.to_json()} {ms * 1000:.1f} us")
     return best
 
 
@@ -85,21 +77,14 @@ def main():
     gemm = _best("gemm", _gemm_configs(args.quick), gemm_levels_1_2)
     gather = _best("gather", _gather_configs(args.quick), lambda cfg: k.lm_head_gather(
         hidden, weight, None, n2, None, trie.child_start[2], trie.child_tokens[2], trie.max_children[2], cfg))
-    shape = f"{args.dtype} {args.rows} {args.vocab} {args.dim}"
-    found = {f"gemm {shape}": gemm, f"gather {shape}": gather}
+    found = {k.config_key(method, dtype, args.rows, args.vocab, args.dim): cfg
+             for method, cfg in (("gemm", gemm), ("gather", gather)) if cfg is not None}
     if args.dry_run:
-        print(json.dumps(found, indent=1))
+        print(json.dumps({key: cfg.to_json() for key, cfg in found.items()}, indent=1))
         return
-    data = {}
-    if os.path.exists(CONFIG_PATH):
-        with open(CONFIG_PATH) as f:
-            data = json.load(f)
-    data.setdefault(torch.cuda.get_device_name(), {}).update({key: v for key, v in found.items() if v is not None})
-    os.makedirs(os.path.dirname(CONFIG_PATH), exist_ok=True)
-    with open(CONFIG_PATH, "w") as f:
-        json.dump(data, f, indent=1, sort_keys=True)
-        f.write("\n")
-    print(f"wrote {CONFIG_PATH}")
+    path = launch_config.shipped_path(k.OP)
+    launch_config.save_configs(path, launch_config.device_gpu(torch.device("cuda")), found)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -5,8 +5,9 @@
 For every benchmark shape of ``onerec_fast/perf/suites/moe.py`` (index into its FULL list) and every kernel
 (gemm1, gemm2 forward; dh, dx, dw13, dw2 backward), times the candidate tile configs with CUDA events on
 realistic routing (bf16, softmax router) and keeps the fastest (when it beats the heuristic default)
-under the key ``"<kernel> d<D> f<F> E<E> k<k> T<pow2(T)>"`` of this GPU's name (merged into the existing
-file). Per shape it prints a summary: router GEMM, routing, and each kernel's default -> tuned time.
+under the key ``"<kernel> <dtype> d<D> f<F> E<E> k<k> T<pow2(T)>"`` of this GPU (merged into the existing
+file, written through ``onerec_fast.kernels.launch_config``). Per shape it prints a summary: router GEMM,
+routing, and each kernel's default -> tuned time.
 ``--quick`` tries a small grid (8 configs per kernel instead of 30 to 45).
 """
 
@@ -19,15 +20,14 @@ import os
 
 import torch
 
-from onerec_fast.kernels import load_configs
+from onerec_fast.kernels import launch_config
 from onerec_fast.kernels import moe_gemm as g
+from onerec_fast.kernels.launch_config import LaunchConfig
 from onerec_fast.kernels.moe_routing import router_logits_fwd
 from onerec_fast.ops.moe import router_logits
 from onerec_fast.ops.moe_routing import moe_route, routing_backends
 from onerec_fast.perf.suites.moe import FULL
 from onerec_fast.perf.timing import time_fn
-
-CONFIG_PATH = os.path.join(os.path.dirname(__file__), "..", "kernels", "configs", "moe_gemm.json")
 
 
 def _time_us(fn, device) -> float:
@@ -45,25 +45,15 @@ def _configs(kernel: str, quick: bool):
     for bm, bn, bk, warps, stages in grid:
         if warps == 4 and bm * bn > 64 * 64:
             continue
-        yield {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "num_warps": warps, "num_stages": stages}
+        yield LaunchConfig(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=warps, num_stages=stages)
 
 
-def _fastest(label, configs, run, device):
+def _fastest_us(label, configs, run, device):
     """``(config, us)`` with the lowest median time (CUDA events); ``(None, inf)`` when none of them runs."""
-    timed = []
-    for cfg in configs:
-        try:
-            us = _time_us(lambda: run(cfg), device)
-        except Exception as e:  # out of shared memory / registers for this tile: skip it
-            print(f"{label} {cfg}: failed ({type(e).__name__})")
-            continue
-        print(f"{label} {cfg}: {us:.1f} us")
-        timed.append((us, len(timed), cfg))
-    if not timed:
-        return None, float("inf")
-    us, _, cfg = min(timed)
-    print(f"{label} fastest: {cfg} {us:.1f} us")
-    return cfg, us
+    cfg, ms = launch_config.fastest(configs, run, torch.device(device), warmup=2, reps=10,
+                                    log_line=lambda line: print(f"{label} {line}"))
+    print(f"{label} fastest: {cfg and cfg.to_json()} {ms * 1000:.1f} us")
+    return cfg, ms * 1000
 
 
 def tune_shape(d, f, E, k, T, kernels, quick, dev="cuda", dt=torch.bfloat16):
@@ -99,9 +89,9 @@ def tune_shape(d, f, E, k, T, kernels, quick, dev="cuda", dt=torch.bfloat16):
     found = {}
     for kernel in kernels:
         key = g.config_key(kernel, T, d, f, E, k, x.dtype)
-        default_us = _time_us(lambda: runs[kernel](g.default_config(kernel, T, d, f, E, k, dev != "cuda",
-                                                                    x.element_size())), dev)
-        best, us = _fastest(key, _configs(kernel, quick), runs[kernel], dev)
+        default = g.default_config(kernel, T, d, f, E, k, dev != "cuda", x.element_size())
+        _, default_us = _fastest_us(f"{key} default", [default], runs[kernel], dev)
+        best, us = _fastest_us(key, _configs(kernel, quick), runs[kernel], dev)
         summary.append((kernel, default_us, us))
         if best is not None and us < default_us:  # else the heuristic default stays in charge
             found[key] = best
@@ -119,6 +109,9 @@ def main():
     ap.add_argument("--quick", action="store_true", help="a small config grid")
     ap.add_argument("--dry-run", action="store_true", help="print the best configs without writing the file")
     args = ap.parse_args()
+    # The tuner times its candidates itself; the set-up launches (no config given) take the stored or default
+    # configs instead of tuning on first use.
+    os.environ[launch_config.ENV_AUTOTUNE] = "0"
     kernels = [k for k in args.kernels.split(",") if k]
     unknown = set(kernels) - set(g.KERNELS)
     if unknown:
@@ -128,15 +121,12 @@ def main():
         _, d, f, E, k, T = FULL[i]
         found.update(tune_shape(d, f, E, k, T, kernels, args.quick))
     if args.dry_run:
-        print(json.dumps(found, indent=1))
+        print(json.dumps({key: cfg.to_json() for key, cfg in found.items()}, indent=1))
         return
-    # merge into what the package reads now (a deep copy: load_configs caches its dict)
-    merged = json.loads(json.dumps(load_configs("moe_gemm")))
-    merged.setdefault(torch.cuda.get_device_name(), {}).update(found)
-    os.makedirs(os.path.dirname(CONFIG_PATH), exist_ok=True)
-    with open(CONFIG_PATH, "w") as fh:
-        fh.write(json.dumps(merged, indent=1, sort_keys=True) + "\n")
-    print(f"wrote {CONFIG_PATH} ({len(found)} configs for {torch.cuda.get_device_name()})")
+    path = launch_config.shipped_path(g.OP)
+    gpu = launch_config.device_gpu(torch.device("cuda"))
+    launch_config.save_configs(path, gpu, found)
+    print(f"wrote {path} ({len(found)} configs for {gpu.name})")
 
 
 if __name__ == "__main__":

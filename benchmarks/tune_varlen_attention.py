@@ -4,8 +4,8 @@ Times every candidate tile config of each kernel (forward; backward dq, dk/dv of
 the one-pass backward) on a representative ragged batch (B=1024 rows of Lk uniform in [512, 2048],
 Hq = Hkv = 8), rejects configs that do not compile, run out of resources or disagree with the default
 config, and writes the fastest per shape key (when it beats the heuristic default by ``MIN_GAIN``; else
-the key is removed) into ``kernels/configs/varlen_attention.json`` under this GPU's name (other GPUs'
-entries are kept). Run on the target GPU:
+the key is removed) into ``kernels/configs/varlen_attention.json`` under this GPU (other GPUs' entries are
+kept; written through ``onerec_fast.kernels.launch_config``). Run on the target GPU:
 
     python benchmarks/tune_varlen_attention.py                       # bf16, head_dim 64 and 128, Lq 128
     python benchmarks/tune_varlen_attention.py --head-dims 32 64 128 --seqlens-q 16 32 64 128 --dtypes bfloat16 float16
@@ -22,10 +22,9 @@ import sys
 
 import torch
 
+from onerec_fast.kernels import launch_config
 from onerec_fast.kernels import varlen_attention as kern
-from onerec_fast.perf.timing import time_fn
-
-CONFIG_PATH = os.path.join(os.path.dirname(os.path.abspath(kern.__file__)), "configs", "varlen_attention.json")
+from onerec_fast.kernels.launch_config import LaunchConfig
 
 GRID = {
     "fwd": {"BLOCK_M": (64, 128), "BLOCK_N": (32, 64, 128), "num_warps": (4, 8), "num_stages": (2, 3)},
@@ -36,11 +35,11 @@ GRID = {
 }
 
 
-def candidates(kernel: str, seqlen_q: int) -> list[dict]:
+def candidates(kernel: str, seqlen_q: int) -> list[LaunchConfig]:
     grid = dict(GRID[kernel])
     bucket = kern.lq_bucket(seqlen_q)
     grid["BLOCK_M"] = (bucket,) if kernel == "bwd_fused" else tuple(m for m in grid["BLOCK_M"] if m <= bucket) or (bucket,)
-    return [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
+    return [LaunchConfig(**dict(zip(grid, values))) for values in itertools.product(*grid.values())]
 
 
 def make_inputs(batch: int, seqlen_q: int, head_dim: int, dtype: torch.dtype, seed: int = 0) -> dict:
@@ -64,7 +63,7 @@ def make_inputs(batch: int, seqlen_q: int, head_dim: int, dtype: torch.dtype, se
     return x
 
 
-def runner(kernel: str, x: dict, cfg: dict | None):
+def runner(kernel: str, x: dict, cfg: LaunchConfig | None):
     """A zero-arg fn running the pass ``kernel`` belongs to with ``cfg`` for it, and its outputs."""
     q, k, v, cu = x["q"], x["k"], x["v"], x["cu"]
     scale = q.shape[-1] ** -0.5
@@ -83,15 +82,14 @@ def runner(kernel: str, x: dict, cfg: dict | None):
 MIN_GAIN = 0.03
 
 
-def tune_one(kernel: str, x: dict, seqlen_q: int, verbose: bool) -> tuple[dict | None, float]:
+def tune_one(kernel: str, x: dict, seqlen_q: int, verbose: bool) -> tuple[LaunchConfig | None, float]:
     """``(config, ms)`` of the fastest candidate, or ``(None, default ms)`` when none beats the default
     by ``MIN_GAIN``."""
     default = kern.default_config(kernel, x["q"].shape[-1], seqlen_q, "cuda", x["q"].element_size())
     fn, expect = runner(kernel, x, default)
     fn()
     expect = [t.clone() for t in expect]
-    base_ms = time_fn(fn, "cuda", warmup=5, rep=20).median_ms
-    best, best_ms = None, base_ms
+    runs = {default: fn}  # the candidates that run and agree with the default, each with its own outputs
     for cfg in candidates(kernel, seqlen_q):
         try:
             fn, outs = runner(kernel, x, cfg)
@@ -99,21 +97,21 @@ def tune_one(kernel: str, x: dict, seqlen_q: int, verbose: bool) -> tuple[dict |
             torch.cuda.synchronize()
         except Exception as e:  # noqa: BLE001 -- out of shared memory/registers, or a compile failure
             if verbose:
-                print(f"    {cfg}: skipped ({type(e).__name__})")
+                print(f"    {cfg.to_json()}: skipped ({type(e).__name__})")
             continue
         err = max(((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
                   for a, b in zip(outs, expect))
         if not err < 2e-2:
-            print(f"    {cfg}: WRONG (relative difference {err:.2e} from the default config)")
+            print(f"    {cfg.to_json()}: WRONG (relative difference {err:.2e} from the default config)")
             continue
-        ms = time_fn(fn, "cuda", warmup=5, rep=20).median_ms
-        if verbose:
-            print(f"    {cfg}: {ms:.4f} ms")
-        if ms < best_ms:
-            best, best_ms = cfg, ms
-    if best_ms > (1 - MIN_GAIN) * base_ms:
+        runs.setdefault(cfg, fn)
+    cuda = torch.device("cuda")
+    _, base_ms = launch_config.fastest([default], lambda c: runs[c](), cuda, warmup=5, reps=20)
+    best, best_ms = launch_config.fastest([c for c in runs if c != default], lambda c: runs[c](), cuda, warmup=5,
+                                          reps=20, log_line=(lambda line: print(f"    {line}")) if verbose else None)
+    if best is None or best_ms > (1 - MIN_GAIN) * base_ms:
         best, best_ms = None, base_ms
-    print(f"  {kernel}: default {base_ms:.4f} ms -> best {best_ms:.4f} ms {best or 'default'}")
+    print(f"  {kernel}: default {base_ms:.4f} ms -> best {best_ms:.4f} ms {best.to_json() if best else 'default'}")
     return best, best_ms
 
 
@@ -130,11 +128,14 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("tune_varlen_attention: needs a CUDA device", file=sys.stderr)
         return 1
-    gpu = torch.cuda.get_device_name()
+    # The tuner times its candidates itself; launches it gives no config (the inputs' forward, the other
+    # backward kernel of a pass) take the stored or default configs instead of tuning on first use.
+    os.environ[launch_config.ENV_AUTOTUNE] = "0"
+    gpu = launch_config.device_gpu(torch.device("cuda"))
     found = {}
     for dtype_name, head_dim, seqlen_q in itertools.product(args.dtypes, args.head_dims, args.seqlens_q):
         dtype = getattr(torch, dtype_name)
-        print(f"{gpu}: {dtype_name} head_dim {head_dim} Lq {seqlen_q} (bucket {kern.lq_bucket(seqlen_q)})")
+        print(f"{gpu.name}: {dtype_name} head_dim {head_dim} Lq {seqlen_q} (bucket {kern.lq_bucket(seqlen_q)})")
         x = make_inputs(args.batch, seqlen_q, head_dim, dtype)
         keys = kern.keys_per_row(x["k"], args.batch)
         for kernel in args.kernels:
@@ -143,25 +144,12 @@ def main(argv=None) -> int:
         del x
         torch.cuda.empty_cache()
     if args.dry_run:
-        print(json.dumps(found, indent=1))
+        print(json.dumps({key: cfg and cfg.to_json() for key, cfg in found.items()}, indent=1))
         return 0
-    data = {}
-    if os.path.exists(CONFIG_PATH):
-        with open(CONFIG_PATH) as f:
-            data = json.load(f)
-    mine = data.setdefault(gpu, {})
-    for key, cfg in found.items():
-        if cfg is None:
-            mine.pop(key, None)
-        else:
-            mine[key] = cfg
-    os.makedirs(os.path.dirname(CONFIG_PATH), exist_ok=True)
-    with open(CONFIG_PATH, "w") as f:
-        json.dump({g: dict(sorted(c.items())) for g, c in sorted(data.items())}, f, indent=1)
-        f.write("\n")
-    print(f"wrote {sum(c is not None for c in found.values())} configs for {gpu} to {CONFIG_PATH}")
+    path = launch_config.shipped_path(kern.OP)
+    launch_config.save_configs(path, gpu, found)
+    print(f"wrote {sum(c is not None for c in found.values())} configs for {gpu.name} to {path}")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

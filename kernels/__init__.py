@@ -1,23 +1,14 @@
 """Triton kernels of onerec_fast, installed as ``onerec_fast.kernels``.
 
 Each module holds the ``@triton.jit`` kernels of one op and their launchers; launchers take
-tensors and plain Python values and import nothing from the package above them. Tuned launch
-configs are data (``configs/<op>.json``, written by ``benchmarks/tune_<op>.py``), keyed by GPU and
-shape, read through :func:`load_configs`.
+tensors and plain Python values and import nothing from the package above them.
+
+Launch configs are one type, :class:`~onerec_fast.kernels.launch_config.LaunchConfig` (``BLOCK_M/N/K``,
+``BLOCK_C``, ``GROUP_M``, ``num_warps``, ``num_stages``), which every launcher gets from
+:func:`~onerec_fast.kernels.launch_config.lookup` by op, GPU and shape bucket: this GPU's tuned entry in
+``configs/<op>.json`` (data, written by ``benchmarks/tune_<op>.py``), else the one it tuned on first use
+(cached in ``$ONEREC_FAST_CACHE_DIR/launch_configs/<op>.json``, default ``~/.cache/onerec_fast``), else a
+tuned entry of a GPU of the same compute capability, else a short timed search over the op's candidates on
+the first call of the bucket (not inside CUDA-graph capture or torch.compile tracing; never with
+``ONEREC_FAST_AUTOTUNE=0``), else the op's heuristic default. CPU tensors (the interpreter) get the default.
 """
-
-import functools
-import json
-import os
-
-_CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
-
-
-@functools.lru_cache(maxsize=None)
-def load_configs(op: str) -> dict:
-    """The tuned configs of ``op``: ``{gpu_name: {shape_key: {param: value}}}`` ({} when none)."""
-    path = os.path.join(_CONFIG_DIR, f"{op}.json")
-    if not os.path.exists(path):
-        return {}
-    with open(path) as f:
-        return json.load(f)

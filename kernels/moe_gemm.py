@@ -25,20 +25,21 @@ bound ``cdiv(M, BLOCK_M) + min(E, M)``; a program maps its tile index to (expert
 forward is CUDA-graph capturable. Kernel names in the configs: gemm1, gemm2 (forward), dh, dx, dw13,
 dw2 (backward).
 
-Launch configs come from ``configs/moe_gemm.json`` (written by ``benchmarks/tune_moe.py``), keyed by GPU
-name then ``"<kernel> <dtype> d<D> f<F> E<E> k<k> T<pow2 bucket of T>"``; missing keys use :func:`default_config`.
+Launch configs: :func:`get_config` looks them up through ``launch_config.lookup`` (``configs/moe_gemm.json``,
+written by ``benchmarks/tune_moe.py``, then tune-on-first-use over :func:`candidates`, then
+:func:`default_config`), keyed ``"<kernel> <dtype> d<D> f<F> E<E> k<k> T<pow2 bucket of T>"``.
 """
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 import os
 
 import torch
 import triton
 import triton.language as tl
 
-from . import load_configs
+from .launch_config import LaunchConfig, lookup, pow2_bucket, shape_key
 from .moe_routing import cdiv as _cdiv
 from .moe_routing import next_pow2 as _next_pow2
 
@@ -297,20 +298,18 @@ def _interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.lru_cache(maxsize=None)
-def _gpu_name(device_index: int) -> str:
-    return torch.cuda.get_device_name(device_index)
+OP = "moe_gemm"
 
 
 def config_key(kernel: str, T: int, D: int, F: int, E: int, top_k: int, dtype: torch.dtype) -> str:
     """Key of one kernel and problem in ``configs/moe_gemm.json`` (T bucketed to a power of two), e.g.
     ``"gemm1 bfloat16 d1024 f2048 E24 k2 T16384"``."""
-    return f"{kernel} {str(dtype).removeprefix('torch.')} d{D} f{F} E{E} k{top_k} T{_next_pow2(max(T, 1))}"
+    return shape_key(kernel, dtype, d=D, f=F, E=E, k=top_k, T=pow2_bucket(T))
 
 
 def default_config(kernel: str, T: int, D: int, F: int, E: int, top_k: int, interpret: bool,
-                   elem_bytes: int = 2) -> dict:
-    """Heuristic launch config, used until ``benchmarks/tune_moe.py`` has measured this shape.
+                   elem_bytes: int = 2) -> LaunchConfig:
+    """Heuristic launch config, used where nothing tuned applies.
 
     Interpreter: small tiles (the CPU tests use small shapes). GPU (sm_90, checked with ptxas for
     spills): 128x128x64 bf16 tensor-core tiles, 8 warps, 3 stages; the dh kernel (heavy SwiGLU
@@ -325,36 +324,46 @@ def default_config(kernel: str, T: int, D: int, F: int, E: int, top_k: int, inte
         rows = T * top_k
         dims = {"gemm1": (rows, F, D), "gemm2": (rows, D, F), "dh": (rows, F, D), "dx": (rows, D, F),
                 "dw13": (D, F, rows), "dw2": (F, D, rows)}[kernel]
-        return dict(BLOCK_M=t(dims[0]), BLOCK_N=t(dims[1]), BLOCK_K=t(dims[2]), GROUP_M=4, num_warps=4,
-                    num_stages=1)
+        return LaunchConfig(BLOCK_M=t(dims[0]), BLOCK_N=t(dims[1]), BLOCK_K=t(dims[2]), GROUP_M=4, num_warps=4,
+                            num_stages=1)
     block_k = 64 * 2 // elem_bytes
     if kernel in ("dw13", "dw2"):
-        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=block_k, GROUP_M=1, num_warps=8, num_stages=3)
+        return LaunchConfig(BLOCK_M=128, BLOCK_N=128, BLOCK_K=block_k, GROUP_M=1, num_warps=8, num_stages=3)
     block_m = 128 if T * top_k >= 128 * E else 64
     if kernel == "dh":
-        return dict(BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=block_k, GROUP_M=8, num_warps=8, num_stages=4)
-    return dict(BLOCK_M=block_m, BLOCK_N=128, BLOCK_K=block_k, GROUP_M=8, num_warps=8, num_stages=3)
+        return LaunchConfig(BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=block_k, GROUP_M=8, num_warps=8, num_stages=4)
+    return LaunchConfig(BLOCK_M=block_m, BLOCK_N=128, BLOCK_K=block_k, GROUP_M=8, num_warps=8, num_stages=3)
+
+
+# (BLOCK_M, BLOCK_N, num_stages) tried on first use besides the default, 8 warps, the default's BLOCK_K and
+# GROUP_M: the tiles the H200 tuning (kernels/configs/moe_gemm.json) chose for some kernel and shape.
+_GPU_TILES = ((128, 128, 3), (128, 128, 4), (64, 128, 4), (128, 64, 4), (64, 64, 4))
+
+
+def candidates(kernel: str, T: int, D: int, F: int, E: int, top_k: int, interpret: bool,
+               elem_bytes: int = 2) -> list[LaunchConfig]:
+    """What tune-on-first-use tries for this problem, the default first. Every tile is valid for every
+    shape (the kernels mask partial tiles); one that does not fit the GPU fails to compile and is skipped.
+    Interpreter: the default and half its BLOCK_N (CPU tests)."""
+    default = default_config(kernel, T, D, F, E, top_k, interpret, elem_bytes)
+    if interpret:
+        return [default, dataclasses.replace(default, BLOCK_N=max(16, default.BLOCK_N // 2))]
+    return [default, *(dataclasses.replace(default, BLOCK_M=m, BLOCK_N=n, num_warps=8, num_stages=s)
+                       for m, n, s in _GPU_TILES)]
 
 
 def get_config(kernel: str, x: torch.Tensor, T: int, D: int, F: int, E: int, top_k: int,
-               override: dict | None = None) -> dict:
-    """The config of ``kernel``: ``override[kernel]`` if given, else tuned, else :func:`default_config`."""
-    if override and kernel in override:
-        return override[kernel]
+               run=None) -> LaunchConfig:
+    """The config of ``kernel`` for ``x``'s device and dtype (``launch_config.lookup``); ``run(config)``
+    launches it on the caller's tensors, for tuning on first use."""
     interpret = _interpret() or x.device.type != "cuda"
-    if not interpret:
-        tuned = load_configs("moe_gemm").get(_gpu_name(x.device.index or 0), {})
-        hit = tuned.get(config_key(kernel, T, D, F, E, top_k, x.dtype))
-        if hit is not None:
-            return hit
-    return default_config(kernel, T, D, F, E, top_k, interpret, x.element_size())
+    return lookup(OP, config_key(kernel, T, D, F, E, top_k, x.dtype), x.device,
+                  lambda: candidates(kernel, T, D, F, E, top_k, interpret, x.element_size()), run)
 
 
-def _launch_args(cfg: dict) -> tuple[dict, dict]:
-    """Split a config into kernel constexprs (BLOCK_*, GROUP_M) and launch options (num_warps, ...)."""
-    meta = {k: v for k, v in cfg.items() if k.startswith("BLOCK_") or k == "GROUP_M"}
-    opts = {k: v for k, v in cfg.items() if k in ("num_warps", "num_stages")}
-    return meta, opts
+def _tile_args(cfg: LaunchConfig) -> dict:
+    """The grouped-GEMM kernels' tile constexprs."""
+    return dict(BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M)
 
 
 def _num_pid_m(M: int, E: int, block_m: int) -> int:
@@ -374,25 +383,26 @@ def _even(a: int, block_a: int, b: int, block_b: int) -> bool:
     return a % block_a == 0 and b % block_b == 0
 
 
-def _grid_m(M: int, E: int, N: int, meta: dict) -> tuple[int, tuple[int]]:
+def _grid_m(M: int, E: int, N: int, cfg: LaunchConfig) -> tuple[int, tuple[int]]:
     """(num_pid_m, grid) of a grouped GEMM over M sorted rows and N output columns."""
-    npm = _num_pid_m(M, E, meta["BLOCK_M"])
-    return npm, (npm * _cdiv(N, meta["BLOCK_N"]),)
+    npm = _num_pid_m(M, E, cfg.BLOCK_M)
+    return npm, (npm * _cdiv(N, cfg.BLOCK_N),)
 
 
 def moe_gemm1_fwd(x, w1, w3, sorted_pair_idx, expert_offsets, top_k: int, h, a1=None, a3=None, cfg=None):
     """Fill ``h: [M, F]`` (and ``a1, a3: [M, F]`` when given) in sorted-row order; ``x: [T, D]``."""
     T, D = x.shape
     E, _, F = w1.shape
-    meta, opts = _launch_args(cfg or get_config("gemm1", x, T, D, F, E, top_k))
-    npm, grid = _grid_m(T * top_k, E, F, meta)
+    cfg = cfg or get_config("gemm1", x, T, D, F, E, top_k, run=lambda c: moe_gemm1_fwd(
+        x, w1, w3, sorted_pair_idx, expert_offsets, top_k, h, a1, a3, cfg=c))
+    npm, grid = _grid_m(T * top_k, E, F, cfg)
     store = a1 is not None
     _moe_gemm1_fwd_kernel[grid](
         x, w1, w3, sorted_pair_idx, expert_offsets, h, a1 if store else h, a3 if store else h,
         E, D, F, npm, x.stride(0),
-        TOP_K=top_k, STORE_ACT=store, EVEN=_even(D, meta["BLOCK_K"], F, meta["BLOCK_N"]),
+        TOP_K=top_k, STORE_ACT=store, EVEN=_even(D, cfg.BLOCK_K, F, cfg.BLOCK_N),
         E_PAD=_e_pad(E),
-        **meta, **opts,
+        **_tile_args(cfg), **cfg.launch_options(),
     )
 
 
@@ -408,14 +418,15 @@ def moe_scatter_gemm(a, b, sorted_pair_idx, expert_offsets, out, *, b_transposed
     E = b.shape[0]
     N = out.shape[1]
     stride_bk, stride_bn = (1, K) if b_transposed else (N, 1)
-    meta, opts = _launch_args(cfg or get_config(kernel, a, T, N, K, E, top_k))
-    npm, grid = _grid_m(M, E, N, meta)
+    cfg = cfg or get_config(kernel, a, T, N, K, E, top_k, run=lambda c: moe_scatter_gemm(
+        a, b, sorted_pair_idx, expert_offsets, out, b_transposed=b_transposed, gate=gate, a2=a2, b2=b2, cfg=c))
+    npm, grid = _grid_m(M, E, N, cfg)
     _moe_scatter_gemm_kernel[grid](
         a, b, a if a2 is None else a2, b if b2 is None else b2, sorted_pair_idx, expert_offsets,
         a if gate is None else gate, out,
         E, M, N, K, npm, K * N, stride_bk, stride_bn,
-        HAS_SECOND=a2 is not None, SCALE=gate is not None, EVEN=_even(K, meta["BLOCK_K"], N, meta["BLOCK_N"]),
-        E_PAD=_e_pad(E), **meta, **opts,
+        HAS_SECOND=a2 is not None, SCALE=gate is not None, EVEN=_even(K, cfg.BLOCK_K, N, cfg.BLOCK_N),
+        E_PAD=_e_pad(E), **_tile_args(cfg), **cfg.launch_options(),
     )
 
 
@@ -426,27 +437,27 @@ def moe_dh_bwd(dy, w2, gate, sorted_pair_idx, expert_offsets, a1, a3, top_k: int
     T, D = dy.shape
     E, F, _ = w2.shape
     M = T * top_k
-    meta, opts = _launch_args(cfg or get_config("dh", dy, T, D, F, E, top_k))
-    npm, grid = _grid_m(M, E, F, meta)
+    cfg = cfg or get_config("dh", dy, T, D, F, E, top_k, run=lambda c: moe_dh_bwd(
+        dy, w2, gate, sorted_pair_idx, expert_offsets, a1, a3, top_k, cfg=c))
+    npm, grid = _grid_m(M, E, F, cfg)
     da1, da3, hg = torch.empty_like(a1), torch.empty_like(a3), torch.empty_like(a1)
-    dgate_part = torch.empty((_cdiv(F, meta["BLOCK_N"]), M), dtype=torch.float32, device=dy.device)
+    dgate_part = torch.empty((_cdiv(F, cfg.BLOCK_N), M), dtype=torch.float32, device=dy.device)
     _moe_dh_bwd_kernel[grid](
         dy, w2, sorted_pair_idx, expert_offsets, gate, a1, a3, da1, da3, hg, dgate_part,
         E, D, F, M, npm, dy.stride(0),
-        TOP_K=top_k, EVEN=_even(D, meta["BLOCK_K"], F, meta["BLOCK_N"]), E_PAD=_e_pad(E),
-        **meta, **opts,
+        TOP_K=top_k, EVEN=_even(D, cfg.BLOCK_K, F, cfg.BLOCK_N), E_PAD=_e_pad(E),
+        **_tile_args(cfg), **cfg.launch_options(),
     )
     return da1, da3, hg, dgate_part.sum(0)  # fixed-order sum over the F-tiles
 
 
 def _wgrad(lhs, rhs, rhs2, sorted_pair_idx, expert_offsets, out, out2, top_k, stride_tok, cfg, dw2: bool):
     E, M, N = out.shape
-    meta, opts = _launch_args(cfg)
-    grid = (E * _cdiv(M, meta["BLOCK_M"]) * _cdiv(N, meta["BLOCK_N"]),)
+    grid = (E * _cdiv(M, cfg.BLOCK_M) * _cdiv(N, cfg.BLOCK_N),)
     _moe_wgrad_kernel[grid](
         lhs, rhs, rhs2, sorted_pair_idx, expert_offsets, out, out2, M, N, stride_tok,
-        TOP_K=top_k, DW2=dw2, EVEN=_even(M, meta["BLOCK_M"], N, meta["BLOCK_N"]),
-        BLOCK_M=meta["BLOCK_M"], BLOCK_N=meta["BLOCK_N"], BLOCK_K=meta["BLOCK_K"], **opts,
+        TOP_K=top_k, DW2=dw2, EVEN=_even(M, cfg.BLOCK_M, N, cfg.BLOCK_N),
+        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, **cfg.launch_options(),
     )
 
 
@@ -454,7 +465,8 @@ def moe_dw13_bwd(x, da1, da3, sorted_pair_idx, expert_offsets, top_k: int, dw1, 
     """Fill ``dw1, dw3: [E, D, F]`` with ``x[tok]^T @ da1`` / ``da3`` over each expert's rows."""
     T, D = x.shape
     E, _, F = dw1.shape
-    cfg = cfg or get_config("dw13", x, T, D, F, E, top_k)
+    cfg = cfg or get_config("dw13", x, T, D, F, E, top_k, run=lambda c: moe_dw13_bwd(
+        x, da1, da3, sorted_pair_idx, expert_offsets, top_k, dw1, dw3, cfg=c))
     _wgrad(x, da1, da3, sorted_pair_idx, expert_offsets, dw1, dw3, top_k, x.stride(0), cfg, False)
 
 
@@ -463,7 +475,8 @@ def moe_dw2_bwd(dy, hg, sorted_pair_idx, expert_offsets, top_k: int, dw2, cfg=No
     in sorted-row order (from :func:`moe_dh_bwd`)."""
     T, D = dy.shape
     E, F, _ = dw2.shape
-    cfg = cfg or get_config("dw2", dy, T, D, F, E, top_k)
+    cfg = cfg or get_config("dw2", dy, T, D, F, E, top_k, run=lambda c: moe_dw2_bwd(
+        dy, hg, sorted_pair_idx, expert_offsets, top_k, dw2, cfg=c))
     _wgrad(hg, dy, dy, sorted_pair_idx, expert_offsets, dw2, dw2, top_k, dy.stride(0), cfg, True)
 
 
@@ -485,12 +498,11 @@ def moe_combine(pairs: torch.Tensor, top_k: int) -> torch.Tensor:
     return out
 
 
-def moe_gemm_fwd(x, w1, w3, w2, gate, sorted_pair_idx, expert_offsets, top_k: int, save_act: bool,
-                 configs: dict | None = None):
+def moe_gemm_fwd(x, w1, w3, w2, gate, sorted_pair_idx, expert_offsets, top_k: int, save_act: bool):
     """Expert forward of ``x: [T, D]``: returns ``(out [T, D], a1 [M, F], a3 [M, F])``.
 
     ``gate: [M]`` fp32 gate weight of each pair. ``a1, a3`` (pre-activations for the backward) are
-    empty unless ``save_act``. ``configs`` maps kernel names to configs (the tuner's override).
+    empty unless ``save_act``.
     """
     T, D = x.shape
     E, _, F = w1.shape
@@ -501,14 +513,13 @@ def moe_gemm_fwd(x, w1, w3, w2, gate, sorted_pair_idx, expert_offsets, top_k: in
     out_pairs = x.new_empty((M, D))
     if M > 0:
         moe_gemm1_fwd(x, w1, w3, sorted_pair_idx, expert_offsets, top_k, h, a1 if save_act else None,
-                      a3 if save_act else None, cfg=get_config("gemm1", x, T, D, F, E, top_k, configs))
-        moe_scatter_gemm(h, w2, sorted_pair_idx, expert_offsets, out_pairs, b_transposed=False, gate=gate,
-                         cfg=get_config("gemm2", x, T, D, F, E, top_k, configs), T=T, top_k=top_k)
+                      a3 if save_act else None)
+        moe_scatter_gemm(h, w2, sorted_pair_idx, expert_offsets, out_pairs, b_transposed=False, gate=gate, T=T,
+                         top_k=top_k)
     return moe_combine(out_pairs, top_k), a1, a3
 
 
-def moe_gemm_bwd(dy, x, w1, w3, w2, gate, sorted_pair_idx, expert_offsets, a1, a3, top_k: int,
-                 configs: dict | None = None):
+def moe_gemm_bwd(dy, x, w1, w3, w2, gate, sorted_pair_idx, expert_offsets, a1, a3, top_k: int):
     """Expert backward: returns ``(dx [T, D], dw1, dw3 [E, D, F], dw2 [E, F, D], dgate [M] fp32)``.
 
     ``a1, a3: [M, F]`` from the forward, or empty to recompute them here.
@@ -524,16 +535,12 @@ def moe_gemm_bwd(dy, x, w1, w3, w2, gate, sorted_pair_idx, expert_offsets, a1, a
         return torch.zeros_like(x), dw1, dw3, dw2, gate.new_zeros((0,))
     if a1.numel() == 0:  # recompute the pre-activations instead of having kept them
         a1, a3 = x.new_empty((M, F)), x.new_empty((M, F))
-        moe_gemm1_fwd(x, w1, w3, sorted_pair_idx, expert_offsets, top_k, x.new_empty((M, F)), a1, a3,
-                      cfg=get_config("gemm1", x, T, D, F, E, top_k, configs))
-    da1, da3, hg, dgate = moe_dh_bwd(dy, w2, gate, sorted_pair_idx, expert_offsets, a1, a3, top_k,
-                                 cfg=get_config("dh", x, T, D, F, E, top_k, configs))
+        moe_gemm1_fwd(x, w1, w3, sorted_pair_idx, expert_offsets, top_k, x.new_empty((M, F)), a1, a3)
+    da1, da3, hg, dgate = moe_dh_bwd(dy, w2, gate, sorted_pair_idx, expert_offsets, a1, a3, top_k)
     dx_pairs = x.new_empty((M, D))
     moe_scatter_gemm(da1, w1, sorted_pair_idx, expert_offsets, dx_pairs, b_transposed=True, a2=da3, b2=w3,
-                     cfg=get_config("dx", x, T, D, F, E, top_k, configs), kernel="dx", T=T, top_k=top_k)
+                     kernel="dx", T=T, top_k=top_k)
     dx = moe_combine(dx_pairs, top_k)
-    moe_dw13_bwd(x, da1, da3, sorted_pair_idx, expert_offsets, top_k, dw1, dw3,
-                 cfg=get_config("dw13", x, T, D, F, E, top_k, configs))
-    moe_dw2_bwd(dy, hg, sorted_pair_idx, expert_offsets, top_k, dw2,
-                cfg=get_config("dw2", x, T, D, F, E, top_k, configs))
+    moe_dw13_bwd(x, da1, da3, sorted_pair_idx, expert_offsets, top_k, dw1, dw3)
+    moe_dw2_bwd(dy, hg, sorted_pair_idx, expert_offsets, top_k, dw2)
     return dx, dw1, dw3, dw2, dgate

@@ -26,18 +26,21 @@ Rows without keys give zero output, ``lse = -inf`` and zero gradients.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-from . import load_configs
+from .launch_config import LaunchConfig, lookup, pow2_bucket, shape_key
 
 LOG2E = 1.4426950408889634
 _LOG2E = tl.constexpr(LOG2E)  # jit code may only read constexpr globals
 SUPPORTED_HEAD_DIMS = (32, 64, 128)
 KERNELS = ("fwd", "bwd_dq", "bwd_dkdv", "bwd_fused")
+OP = "varlen_attention"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -347,7 +350,7 @@ def _varlen_attn_bwd_fused_kernel(
 
 def lq_bucket(seqlen_q: int) -> int:
     """The query-length bucket configs are keyed by: the next power of two, between 16 and 128."""
-    return min(128, max(16, triton.next_power_of_2(seqlen_q)))
+    return pow2_bucket(seqlen_q, 16, 128)
 
 
 def lk_bucket(keys_per_row: int) -> int:
@@ -355,7 +358,7 @@ def lk_bucket(keys_per_row: int) -> int:
     128 and 4096. Short and long rows want different tiles: on the H200 the d128 forward config tuned on
     rows of 512-2048 keys (3 stages) ran B=1024 of those in 1.95 ms against 2.40 ms with the default
     (2 stages), but the 405-key beam decode in 0.277 ms against 0.184 ms."""
-    return min(4096, max(128, triton.next_power_of_2(max(1, keys_per_row))))
+    return pow2_bucket(keys_per_row, 128, 4096)
 
 
 def keys_per_row(k: torch.Tensor, batch: int) -> int:
@@ -365,51 +368,73 @@ def keys_per_row(k: torch.Tensor, batch: int) -> int:
 
 
 def config_key(kernel: str, head_dim: int, seqlen_q: int, keys: int, dtype: torch.dtype) -> str:
-    """Shape key of ``kernels/configs/varlen_attention.json``, e.g. ``"fwd d64 lq128 lk2048 bfloat16"``
-    (``keys``: keys per row, see :func:`keys_per_row`)."""
-    return f"{kernel} d{head_dim} lq{lq_bucket(seqlen_q)} lk{lk_bucket(keys)} {str(dtype).removeprefix('torch.')}"
+    """Shape key of ``kernels/configs/varlen_attention.json``, e.g. ``"fwd bfloat16 d64 lq128 lk2048"``
+    (``keys``: keys per row, see :func:`keys_per_row`). fp16 is keyed as bfloat16: their tiles are the same
+    size, so either's tuned config serves the other."""
+    return shape_key(kernel, torch.bfloat16 if dtype == torch.float16 else dtype, d=head_dim, lq=lq_bucket(seqlen_q),
+                     lk=lk_bucket(keys))
 
 
-def default_config(kernel: str, head_dim: int, seqlen_q: int, device_type: str, elem_bytes: int = 2) -> dict:
-    """Untuned heuristic, used until ``benchmarks/tune_varlen_attention.py`` has written configs for
-    this GPU. Chosen offline for sm_90a from ptxas reports (compiled with the JIT's 16-divisibility
-    specialization; at Lq >= 64 every choice uses wgmma, pipelines its loads with cp.async and
-    spills nothing): forward and dq 128 queries (Lq permitting) x 64 keys (x 32 for dq at head_dim
-    128) with 8 warps; dk/dv 64 keys x 64 queries with 8 warps (128 keys x 32 queries at head_dim
-    128: the key tile is the dots' M, which wgmma needs >= 64).
+def default_config(kernel: str, head_dim: int, seqlen_q: int, device_type: str, elem_bytes: int = 2
+                   ) -> LaunchConfig:
+    """Untuned heuristic, used where nothing tuned applies. Chosen offline for sm_90a from ptxas reports
+    (compiled with the JIT's 16-divisibility specialization; at Lq >= 64 every choice uses wgmma,
+    pipelines its loads with cp.async and spills nothing): forward and dq 128 queries (Lq permitting) x
+    64 keys (x 32 for dq at head_dim 128) with 8 warps; dk/dv 64 keys x 64 queries with 8 warps (128 keys
+    x 32 queries at head_dim 128: the key tile is the dots' M, which wgmma needs >= 64).
     On CPU (interpreter) every program and every op costs a fixed ~1 ms whatever the tile size, so
     tiles are as large as the tests' shapes allow while still exercising the key-block loops.
     fp32 (``elem_bytes`` 4, not a speed path: its dots run in TF32) at head_dim 128 takes 32-key tiles
     and one stage: the 16-bit tiles asked for 320 KiB of shared memory on the H200 (227 KiB there)."""
     bucket = lq_bucket(seqlen_q)
     if device_type != "cuda":
-        return {"BLOCK_M": bucket, "BLOCK_N": 32, "num_warps": 1, "num_stages": 1}
+        return LaunchConfig(BLOCK_M=bucket, BLOCK_N=32, num_warps=1, num_stages=1)
     small = head_dim <= 64
     if elem_bytes > 2 and not small:
         if kernel == "bwd_dkdv":
-            return {"BLOCK_M": min(bucket, 32), "BLOCK_N": 64, "num_warps": 8, "num_stages": 1}
-        return {"BLOCK_M": min(bucket, 64), "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
+            return LaunchConfig(BLOCK_M=min(bucket, 32), BLOCK_N=64, num_warps=8, num_stages=1)
+        return LaunchConfig(BLOCK_M=min(bucket, 64), BLOCK_N=32, num_warps=4, num_stages=1)
     if kernel == "fwd":
-        return {"BLOCK_M": bucket, "BLOCK_N": 64, "num_warps": 8 if bucket >= 128 else 4,
-                "num_stages": 3 if small else 2}
+        return LaunchConfig(BLOCK_M=bucket, BLOCK_N=64, num_warps=8 if bucket >= 128 else 4,
+                            num_stages=3 if small else 2)
     if kernel == "bwd_fused":  # BLOCK_M holds every query of the row (fused_bwd_applies)
         # H200, B=512 Lq=128 bf16 (tune_varlen_attention): 128-key tiles 1.57 ms vs 2.42 ms with 64 at
         # head_dim 64; at 128 the fp32 dq tile takes the registers and 32-key tiles win (3.54 ms).
         # fp32 (head_dim <= 64 only) keeps 64 keys, 2 stages: its q and dO tiles take 64 KiB of shared memory.
         block_n = 128 if small and elem_bytes <= 2 else 64 if small else 32
-        return {"BLOCK_M": bucket, "BLOCK_N": block_n, "num_warps": 8 if bucket >= 64 else 4,
-                "num_stages": 3 if elem_bytes <= 2 else 2}
+        return LaunchConfig(BLOCK_M=bucket, BLOCK_N=block_n, num_warps=8 if bucket >= 64 else 4,
+                            num_stages=3 if elem_bytes <= 2 else 2)
     if kernel == "bwd_dq":
-        return {"BLOCK_M": bucket, "BLOCK_N": 64 if small else 32, "num_warps": 8 if bucket >= 64 else 4,
-                "num_stages": 2}
+        return LaunchConfig(BLOCK_M=bucket, BLOCK_N=64 if small else 32, num_warps=8 if bucket >= 64 else 4,
+                            num_stages=2)
     if small:
-        return {"BLOCK_M": min(bucket, 64), "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}
-    return {"BLOCK_M": min(bucket, 32), "BLOCK_N": 128, "num_warps": 8, "num_stages": 2}
+        return LaunchConfig(BLOCK_M=min(bucket, 64), BLOCK_N=64, num_warps=8, num_stages=2)
+    return LaunchConfig(BLOCK_M=min(bucket, 32), BLOCK_N=128, num_warps=8, num_stages=2)
 
 
-@functools.lru_cache(maxsize=None)
-def _device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device)
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) tried on first use besides the default, BLOCK_M capped at the Lq
+# bucket (None: the bucket): the configs the H200 tuning chose (kernels/configs/varlen_attention.json) and
+# their neighbours in benchmarks/tune_varlen_attention.py's grid.
+_GPU_TILES = {
+    "fwd": ((None, 64, 8, 3), (None, 128, 8, 2), (None, 32, 4, 2), (64, 64, 4, 2)),
+    "bwd_dq": ((None, 64, 8, 3), (None, 32, 8, 3), (64, 64, 4, 2)),
+    "bwd_dkdv": ((64, 64, 4, 2), (32, 64, 4, 2), (64, 128, 8, 2), (32, 128, 8, 2)),
+    "bwd_fused": ((None, 128, 8, 3), (None, 64, 8, 3), (None, 32, 8, 3), (None, 64, 4, 2)),
+}
+
+
+def candidates(kernel: str, head_dim: int, seqlen_q: int, device_type: str, elem_bytes: int = 2
+               ) -> list[LaunchConfig]:
+    """What tune-on-first-use tries, the default first. Valid for every shape of the Lq bucket: BLOCK_M never
+    exceeds the bucket (the one-pass backward takes the bucket whatever BLOCK_M says); a tile that does not
+    fit the GPU (fp32 at head_dim 128) fails to compile and is skipped. Interpreter: the default and
+    16-key tiles (CPU tests)."""
+    default = default_config(kernel, head_dim, seqlen_q, device_type, elem_bytes)
+    if device_type != "cuda":
+        return [default, dataclasses.replace(default, BLOCK_N=16)]
+    bucket = lq_bucket(seqlen_q)
+    return [default, *(LaunchConfig(BLOCK_M=min(m or bucket, bucket), BLOCK_N=n, num_warps=w, num_stages=s)
+                       for m, n, w, s in _GPU_TILES[kernel])]
 
 
 @functools.lru_cache(maxsize=None)
@@ -417,22 +442,12 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
-def get_config(kernel: str, head_dim: int, seqlen_q: int, keys: int, dtype: torch.dtype, device: torch.device) -> dict:
-    """The tuned config for this GPU and shape (``keys``: keys per row) if there is one, else
-    :func:`default_config`."""
-    if device.type == "cuda":
-        tuned = load_configs("varlen_attention").get(_device_name(device), {})
-        # fp16 and bf16 tiles are the same size: either's tuned config serves the other.
-        for dt in (dtype, *(d for d in (torch.bfloat16, torch.float16) if dtype in (torch.bfloat16, torch.float16))):
-            cfg = tuned.get(config_key(kernel, head_dim, seqlen_q, keys, dt))
-            if cfg is not None:
-                return cfg
-    return default_config(kernel, head_dim, seqlen_q, device.type, dtype.itemsize)
-
-
-def _launch_opts(cfg: dict) -> dict:
-    # The interpreter ignores warps/stages; passing them is harmless either way.
-    return {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+def get_config(kernel: str, head_dim: int, seqlen_q: int, keys: int, dtype: torch.dtype, device: torch.device,
+               run=None) -> LaunchConfig:
+    """The config of ``kernel`` for this shape (``keys``: keys per row) on ``device``
+    (``launch_config.lookup``); ``run(config)`` launches it on the caller's tensors, for tuning on first use."""
+    return lookup(OP, config_key(kernel, head_dim, seqlen_q, keys, dtype), device,
+                  lambda: candidates(kernel, head_dim, seqlen_q, device.type, dtype.itemsize), run)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -445,7 +460,8 @@ def _qb(q: torch.Tensor) -> int:
     return q.stride(0) if q.dim() == 4 else 0
 
 
-def varlen_attention_fwd(q, k, v, seq_starts, seq_ends, out, lse, softmax_scale: float, config: dict | None = None):
+def varlen_attention_fwd(q, k, v, seq_starts, seq_ends, out, lse, softmax_scale: float,
+                         config: LaunchConfig | None = None):
     """Forward into ``out: [B, Hq, Lq, D]`` (q's dtype) and ``lse: [B, Hq, Lq]`` (fp32, natural log).
 
     ``q: [B, Hq, Lq, D]`` or shared ``[Hq, Lq, D]``; ``k, v: [T, Hkv, D]`` or ``[B, L, Hkv, D]`` (see
@@ -455,8 +471,10 @@ def varlen_attention_fwd(q, k, v, seq_starts, seq_ends, out, lse, softmax_scale:
     batch, num_heads, seqlen_q, head_dim = out.shape
     if batch == 0 or seqlen_q == 0:
         return
-    cfg = config or get_config("fwd", head_dim, seqlen_q, keys_per_row(k, batch), q.dtype, q.device)
-    num_m_blocks = triton.cdiv(seqlen_q, cfg["BLOCK_M"])
+    cfg = config or get_config("fwd", head_dim, seqlen_q, keys_per_row(k, batch), q.dtype, q.device,
+                               run=lambda c: varlen_attention_fwd(q, k, v, seq_starts, seq_ends, out, lse,
+                                                                  softmax_scale, c))
+    num_m_blocks = triton.cdiv(seqlen_q, cfg.BLOCK_M)
     grid = (batch * num_heads * num_m_blocks,)
     _varlen_attn_fwd_kernel[grid](
         q, k, v, out, lse, seq_starts, seq_ends,
@@ -465,7 +483,7 @@ def varlen_attention_fwd(q, k, v, seq_starts, seq_ends, out, lse, softmax_scale:
         out.stride(0), out.stride(1), out.stride(2),
         lse.stride(0), lse.stride(1),
         num_heads, num_m_blocks, num_heads // k.shape[-2], seqlen_q, softmax_scale * LOG2E,
-        HEAD_DIM=head_dim, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], **_launch_opts(cfg),
+        HEAD_DIM=head_dim, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, **cfg.launch_options(),
     )
 
 
@@ -488,78 +506,124 @@ def fused_bwd_applies(shared: bool, num_heads: int, num_kv_heads: int, seqlen_q:
             and (elem_bytes <= 2 or head_dim <= 64))
 
 
+class _Bwd(NamedTuple):
+    """The arguments of :func:`varlen_attention_bwd`, handed to each of its kernels' launchers."""
+
+    dout: torch.Tensor
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    out: torch.Tensor
+    lse: torch.Tensor
+    dlse: torch.Tensor | None
+    seq_starts: torch.Tensor
+    seq_ends: torch.Tensor
+    dq: torch.Tensor
+    dk: torch.Tensor
+    dv: torch.Tensor
+    delta: torch.Tensor
+    softmax_scale: float
+
+
 def varlen_attention_bwd(dout, q, k, v, out, lse, dlse, seq_starts, seq_ends, dq, dk, dv, delta,
-                         softmax_scale: float, configs: dict | None = None, fused: bool | None = None):
+                         softmax_scale: float, configs: dict[str, LaunchConfig] | None = None,
+                         fused: bool | None = None):
     """Backward into ``dq`` (q's shape; for shared queries an fp32 ``[C, Hq, Lq, D]`` of per-row-block
     partials, C from :func:`dq_row_blocks`, summed by the caller), ``dk, dv`` (k's shape and strides)
     and the scratch ``delta: [B, Hq, Lq]`` fp32 (layout of ``lse``). ``dlse`` (layout of ``lse``) or None.
 
     ``fused``: the one-pass kernel (where :func:`fused_bwd_applies`; the default there) or the two
-    kernels (dq, then dk/dv). Keys outside every row are not written: callers zero ``dk``/``dv`` when
-    such keys exist.
+    kernels (dq, then dk/dv). ``configs``: kernel name -> config, instead of the lookup (the tuner's).
+    Keys outside every row are not written: callers zero ``dk``/``dv`` when such keys exist.
     """
     batch, num_heads, seqlen_q, head_dim = dout.shape
     if batch == 0 or seqlen_q == 0:
         return
     shared = q.dim() == 3
     configs = configs or {}
-    keys = keys_per_row(k, batch)
     applies = fused_bwd_applies(shared, num_heads, k.shape[-2], seqlen_q, head_dim, q.element_size())
     if fused and not applies:
         raise ValueError(f"fused=True needs per-row queries, num_heads == num_kv_heads, seqlen_q <= 128 and 16-bit "
                          f"or head_dim <= 64; got shared={shared}, heads {num_heads}/{k.shape[-2]}, "
                          f"seqlen_q={seqlen_q}, head_dim={head_dim}, {q.dtype}")
+    a = _Bwd(dout, q, k, v, out, lse, dlse, seq_starts, seq_ends, dq, dk, dv, delta, softmax_scale)
     if applies and fused is not False:
-        cfg = configs.get("bwd_fused") or get_config("bwd_fused", head_dim, seqlen_q, keys, q.dtype, q.device)
-        _varlen_attn_bwd_fused_kernel[(batch * num_heads,)](
-            q, k, v, out, dout, lse, dlse if dlse is not None else lse, dq, dk, dv, seq_starts, seq_ends,
-            q.stride(0), q.stride(1), q.stride(2),
-            k.stride(-3), k.stride(-2), v.stride(-3), v.stride(-2),
-            out.stride(0), out.stride(1), out.stride(2),
-            dout.stride(0), dout.stride(1), dout.stride(2),
-            lse.stride(0), lse.stride(1),
-            dq.stride(0), dq.stride(1), dq.stride(2),
-            dk.stride(-3), dk.stride(-2), dv.stride(-3), dv.stride(-2),
-            num_heads, seqlen_q, softmax_scale, softmax_scale * LOG2E,
-            HAS_DLSE=dlse is not None, HEAD_DIM=head_dim, BLOCK_M=lq_bucket(seqlen_q), BLOCK_N=cfg["BLOCK_N"],
-            **_launch_opts(cfg),
-        )
-        return
-    cfg_dq = configs.get("bwd_dq") or get_config("bwd_dq", head_dim, seqlen_q, keys, q.dtype, q.device)
-    cfg_kv = configs.get("bwd_dkdv") or get_config("bwd_dkdv", head_dim, seqlen_q, keys, q.dtype, q.device)
-    num_kv_heads = k.shape[-2]
-    group = num_heads // num_kv_heads
-    qk_scale = softmax_scale * LOG2E
+        _bwd_fused(a, configs.get("bwd_fused"))
+    else:
+        _bwd_dq(a, configs.get("bwd_dq"))  # writes delta, which the dk/dv pass reads
+        _bwd_dkdv(a, configs.get("bwd_dkdv"))
 
-    num_m_blocks = triton.cdiv(seqlen_q, cfg_dq["BLOCK_M"])
+
+def _bwd_config(kernel: str, a: _Bwd, cfg: LaunchConfig | None, launch) -> LaunchConfig:
+    """``cfg``, else the lookup's config of ``kernel`` (tuned on first use by rerunning ``launch(a, config)``:
+    each of these kernels writes its outputs without reading them)."""
+    batch, _, seqlen_q, head_dim = a.dout.shape
+    return cfg or get_config(kernel, head_dim, seqlen_q, keys_per_row(a.k, batch), a.q.dtype, a.q.device,
+                             run=lambda c: launch(a, c))
+
+
+def _bwd_fused(a: _Bwd, cfg: LaunchConfig | None):
+    """One-pass backward: dq, dk, dv of per-row queries (:func:`fused_bwd_applies`)."""
+    cfg = _bwd_config("bwd_fused", a, cfg, _bwd_fused)
+    dout, q, k, v, out, lse, dlse, dq, dk, dv = a.dout, a.q, a.k, a.v, a.out, a.lse, a.dlse, a.dq, a.dk, a.dv
+    batch, num_heads, seqlen_q, head_dim = dout.shape
+    _varlen_attn_bwd_fused_kernel[(batch * num_heads,)](
+        q, k, v, out, dout, lse, dlse if dlse is not None else lse, dq, dk, dv, a.seq_starts, a.seq_ends,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(-3), k.stride(-2), v.stride(-3), v.stride(-2),
+        out.stride(0), out.stride(1), out.stride(2),
+        dout.stride(0), dout.stride(1), dout.stride(2),
+        lse.stride(0), lse.stride(1),
+        dq.stride(0), dq.stride(1), dq.stride(2),
+        dk.stride(-3), dk.stride(-2), dv.stride(-3), dv.stride(-2),
+        num_heads, seqlen_q, a.softmax_scale, a.softmax_scale * LOG2E,
+        HAS_DLSE=dlse is not None, HEAD_DIM=head_dim, BLOCK_M=lq_bucket(seqlen_q), BLOCK_N=cfg.BLOCK_N,
+        **cfg.launch_options(),
+    )
+
+
+def _bwd_dq(a: _Bwd, cfg: LaunchConfig | None):
+    """dq (per row, or per row block for shared queries) and delta, the two-kernel path's first pass."""
+    cfg = _bwd_config("bwd_dq", a, cfg, _bwd_dq)
+    dout, q, k, v, out, lse, dlse, dq = a.dout, a.q, a.k, a.v, a.out, a.lse, a.dlse, a.dq
+    batch, num_heads, seqlen_q, head_dim = dout.shape
+    shared = q.dim() == 3
+    num_m_blocks = triton.cdiv(seqlen_q, cfg.BLOCK_M)
     row_blocks = dq.shape[0] if shared else batch
     rows_per_program = triton.cdiv(batch, row_blocks)
     _varlen_attn_bwd_dq_kernel[(row_blocks * num_heads * num_m_blocks,)](
-        q, k, v, out, dout, lse, dlse if dlse is not None else lse, delta, dq, seq_starts, seq_ends,
+        q, k, v, out, dout, lse, dlse if dlse is not None else lse, a.delta, dq, a.seq_starts, a.seq_ends,
         _qb(q), q.stride(-3), q.stride(-2),
         k.stride(-3), k.stride(-2), v.stride(-3), v.stride(-2),
         out.stride(0), out.stride(1), out.stride(2),
         dout.stride(0), dout.stride(1), dout.stride(2),
         lse.stride(0), lse.stride(1),
         dq.stride(0), dq.stride(1), dq.stride(2),
-        num_heads, num_m_blocks, group, seqlen_q, batch, rows_per_program, softmax_scale, qk_scale,
-        SHARED_Q=shared, HAS_DLSE=dlse is not None, HEAD_DIM=head_dim,
-        BLOCK_M=cfg_dq["BLOCK_M"], BLOCK_N=cfg_dq["BLOCK_N"],
-        **_launch_opts(cfg_dq),
+        num_heads, num_m_blocks, num_heads // k.shape[-2], seqlen_q, batch, rows_per_program, a.softmax_scale,
+        a.softmax_scale * LOG2E,
+        SHARED_Q=shared, HAS_DLSE=dlse is not None, HEAD_DIM=head_dim, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
+        **cfg.launch_options(),
     )
 
+
+def _bwd_dkdv(a: _Bwd, cfg: LaunchConfig | None):
+    """dk, dv per (row, key/value head, split of the row's key blocks), the two-kernel path's second pass."""
+    cfg = _bwd_config("bwd_dkdv", a, cfg, _bwd_dkdv)
+    dout, q, k, v, dk, dv = a.dout, a.q, a.k, a.v, a.dk, a.dv
+    batch, _, seqlen_q, head_dim = dout.shape
+    num_kv_heads = k.shape[-2]
     # Split each row's key blocks over programs: about 4 blocks per program on an average row
     # (total_k is a shape, so no sync), more splits when rows x heads would not fill the GPU.
     # Splits past a short row's end exit at once.
     fill = triton.cdiv(4 * _num_sms(q.device), batch * num_kv_heads)
-    num_splits = max(1, fill, triton.cdiv(k.shape[:-2].numel(), batch * cfg_kv["BLOCK_N"] * 4))
+    num_splits = max(1, fill, triton.cdiv(k.shape[:-2].numel(), batch * cfg.BLOCK_N * 4))
     _varlen_attn_bwd_dkdv_kernel[(batch * num_kv_heads * num_splits,)](
-        q, k, v, dout, lse, delta, dk, dv, seq_starts, seq_ends,
+        q, k, v, dout, a.lse, a.delta, dk, dv, a.seq_starts, a.seq_ends,
         _qb(q), q.stride(-3), q.stride(-2),
         k.stride(-3), k.stride(-2), v.stride(-3), v.stride(-2),
         dout.stride(0), dout.stride(1), dout.stride(2),
-        lse.stride(0), lse.stride(1),
+        a.lse.stride(0), a.lse.stride(1),
         dk.stride(-3), dk.stride(-2), dv.stride(-3), dv.stride(-2),
-        num_kv_heads, group, seqlen_q, num_splits, softmax_scale, qk_scale,
-        HEAD_DIM=head_dim, BLOCK_M=cfg_kv["BLOCK_M"], BLOCK_N=cfg_kv["BLOCK_N"], **_launch_opts(cfg_kv),
+        num_kv_heads, dout.shape[1] // num_kv_heads, seqlen_q, num_splits, a.softmax_scale, a.softmax_scale * LOG2E,
+        HEAD_DIM=head_dim, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, **cfg.launch_options(),
     )

@@ -4,6 +4,8 @@ CPU: the Triton interpreter in float32 with small shapes. CUDA: every dtype at l
 CUDA beam step, CUDA-graph capture, and a printed (not asserted) timing at OneRec's shape.
 """
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -89,9 +91,9 @@ def test_candidates_match_reference(device, dtype, shape, level, normalize, meth
 @pytest.mark.parametrize("level", [0, 1, 2])
 @pytest.mark.parametrize("normalize", ["full", "valid"])
 def test_gemm_chunked_epilogue_matches_reference(device, level, normalize):
-    """The ``gemm`` method with its children gathered BC at a time (config ``BC`` > 0) instead of in one
-    [BM, BN] gather: the same child logits and normalizer (a tile of a root with all V children needs every
-    step; a sparse level needs one or none)."""
+    """The ``gemm`` method with its children gathered BLOCK_C at a time (config ``BLOCK_C`` > 0) instead of in
+    one [BLOCK_M, BLOCK_N] gather: the same child logits and normalizer (a tile of a root with all V children
+    needs every step; a sparse level needs one or none)."""
     skip_unless_runs("triton", device)
     from onerec_fast.kernels import lm_head as k
 
@@ -99,13 +101,13 @@ def test_gemm_chunked_epilogue_matches_reference(device, level, normalize):
     trie = make_trie(vocab, 4 * vocab, device, seed=vocab)
     hidden, weight, bias, nodes, scores = inputs(rows, vocab, dim, torch.float32, device, seed=level, level=level,
                                                  trie=trie)
-    base = k._config("gemm", hidden, rows, vocab, dim)
+    base = k.get_config("gemm", hidden, rows, vocab, dim)
     ref = constrained_lm_head_ref(hidden.double(), weight.double(), nodes, trie, level, normalize,
                                   bias=bias.double(), scores=scores)
     for bc in (8, 16):
         logits, lse = k.lm_head_gemm(hidden, weight, bias, nodes, scores, trie.child_start[level],
                                      trie.child_tokens[level], trie.max_children[level], normalize == "valid",
-                                     dict(base, BC=bc))
+                                     dataclasses.replace(base, BLOCK_C=bc))
         check_candidates(LMHeadCandidates(logits, lse), ref, torch.float32, device)
 
 

@@ -486,8 +486,8 @@ def _compile_default_kernels() -> dict[str, str]:
 
     def tile(kernel, group=True):
         cfg = g.default_config(kernel, **shape)
-        meta = {k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K") + (("GROUP_M",) if group else ())}
-        return meta, cfg["num_warps"], cfg["num_stages"]
+        meta = {k: getattr(cfg, k) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K") + (("GROUP_M",) if group else ())}
+        return meta, cfg.num_warps, cfg.num_stages
 
     def run(label, fn, consts, launch, f32_ptrs=()):
         return label, _sm90_compile(fn, consts, *launch, f32_ptrs)

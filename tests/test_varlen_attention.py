@@ -424,7 +424,7 @@ extra = {"bwd_dq": {"HAS_DLSE": True, "SHARED_Q": sys.argv[2] == "shared"}, "bwd
 report = {}
 for name, fn in kernels.items():
     cfg = kern.default_config(name, int(sys.argv[1]), 128, "cuda")
-    consts = dict(extra.get(name, {}), HEAD_DIM=int(sys.argv[1]), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"])
+    consts = dict(extra.get(name, {}), HEAD_DIM=int(sys.argv[1]), BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N)
     first_stride = next(i for i, n in enumerate(fn.arg_names) if n.startswith("stride"))
     sig = {}
     for i, n in enumerate(fn.arg_names):
@@ -438,8 +438,7 @@ for name, fn in kernels.items():
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
              if sig[n].startswith("*") or n.startswith("stride")}
     src = ASTSource(fn, sig, {(fn.arg_names.index(k),): v for k, v in consts.items()}, attrs)
-    c = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                       options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]})
+    c = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=cfg.launch_options())
     with open("k.ptx", "w") as f:
         f.write(c.asm["ptx"])
     out = subprocess.run([get_ptxas(90).path, "-arch=sm_90a", "-v", "k.ptx", "-o", "k.cubin"], capture_output=True,

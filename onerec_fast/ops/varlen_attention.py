@@ -178,7 +178,7 @@ def _varlen_attention_bwd(dout: Tensor, dlse: Tensor | None, q: Tensor, k: Tenso
     shared = q.dim() == 3
     if shared:  # fp32 partial sums over fixed blocks of rows, summed below in a fixed order (deterministic)
         cfg = kern.get_config("bwd_dq", head_dim, seqlen_q, kern.keys_per_row(k, batch), q.dtype, q.device)
-        m_blocks = -(-seqlen_q // cfg["BLOCK_M"])
+        m_blocks = -(-seqlen_q // cfg.BLOCK_M)
         blocks = kern.dq_row_blocks(batch, heads, m_blocks, True, q.device)
         dq_buf = torch.empty(blocks, heads, seqlen_q, head_dim, dtype=torch.float32, device=q.device)
     else:
