@@ -234,3 +234,24 @@ def test_cli_trains_and_evaluates_sources_without_engagement(tmp_path, fmt, caps
                  "--out", str(out / "eval.json")]) == 0
     res = json.loads((out / "eval.json").read_text())
     assert res["checkpoint"].endswith("best.pt") and res["results"]["OneRec"]["legality"] == 1.0
+
+
+def test_default_codebook_size():
+    from onerec_fast.train.pipeline import default_codebook_size
+
+    # several levels: ~2 * N^(1/levels) rounded up to a power of two; one level: the power of two nearest sqrt(N)
+    assert [default_codebook_size(n, 3) for n in (1682, 18357)] == [32, 64]
+    assert [default_codebook_size(n, 1) for n in (10, 1682, 18357, 10**6, 10**9)] == [4, 32, 128, 1024, 8192]
+
+
+def test_cli_code_levels(tmp_path, capsys):
+    """``--code-levels`` sets the tokenizer's levels: one semantic level plus the collision level."""
+    from onerec_fast.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(_sequence_file(tmp_path, users=30, items=25)), "--out", str(out),
+                 "--steps", "2", "--batch-size", "8", "--eval-every", "0", "--warmup", "1", "--ckpt-every", "0",
+                 "--code-levels", "1"]) == 0
+    assert "1 levels x 4 codes" in capsys.readouterr().out
+    model = model_from_checkpoint(load_checkpoint(out / "checkpoint.pt"))
+    assert model.item_codes.shape == (25, 2) and len(torch.unique(model.item_codes, dim=0)) == 25
