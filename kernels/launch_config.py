@@ -52,6 +52,8 @@ from pathlib import Path
 
 import torch
 
+from .timing import run_times_ms
+
 log = logging.getLogger("onerec_fast")
 
 ENV_CACHE_DIR = "ONEREC_FAST_CACHE_DIR"  # shared with onerec_fast.train.evaluate's baseline cache
@@ -250,27 +252,8 @@ def _read_cache(op: str) -> dict[str, GpuTable]:
 
 
 def _median_ms(fn: Callable[[], object], device: torch.device, warmup: int, reps: int) -> float:
-    """Median wall time of ``reps`` runs of ``fn`` after ``warmup`` untimed ones: CUDA events on the current
-    stream on a GPU, a monotonic clock on CPU."""
-    for _ in range(warmup):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)  # a launch error of the warm-up surfaces here, inside the caller's try
-        events = []
-        for _ in range(reps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            events.append((start, end))
-        torch.cuda.synchronize(device)
-        return statistics.median(s.elapsed_time(e) for s, e in events)
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    """Median milliseconds of ``reps`` runs of ``fn`` after ``warmup`` untimed ones (``kernels.timing``)."""
+    return statistics.median(run_times_ms(fn, device, warmup, reps))
 
 
 def fastest(candidates: Iterable[LaunchConfig], run: Callable[[LaunchConfig], object], device: torch.device, *,

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import statistics
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+from onerec_fast.kernels.timing import run_times_ms
 
 
 @dataclass(frozen=True)
@@ -31,29 +32,7 @@ def time_fn(fn: Callable[[], object], device: torch.device | str, *, warmup: int
     region). ``flush_l2`` writes a 256 MB buffer before each run so inputs are not served from the
     60 MB L2 of an H200.
     """
-    device = torch.device(device)
-    for _ in range(warmup):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        flush = torch.empty(256 * 1024 * 1024, dtype=torch.int8, device=device) if flush_l2 else None
-        events = []
-        for _ in range(rep):
-            if flush is not None:
-                flush.zero_()
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            fn()
-            e.record()
-            events.append((s, e))
-        torch.cuda.synchronize(device)
-        return Timing(tuple(s.elapsed_time(e) for s, e in events))
-    times = []
-    for _ in range(rep):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return Timing(tuple(times))
+    return Timing(tuple(run_times_ms(fn, torch.device(device), warmup, rep, flush_l2)))
 
 
 def capture_cuda_graph(fn: Callable[[], object]) -> torch.cuda.CUDAGraph:
