@@ -7,6 +7,8 @@ Environment:
   ONEREC_FAST_NO_CUDA=1       skip the CUDA extension even where it could be built
   TORCH_CUDA_ARCH_LIST=...    architectures to build for (default "9.0a": Hopper with wgmma)
   MAX_JOBS=N                  parallel nvcc jobs (ninja)
+  CXX=...                     C++ driver for the bindings and the link (default: torch's choice, replaced by
+                              the system g++ when it would link libstdc++ statically, see _cxx_driver)
 
 Install without build isolation (``pip install --no-build-isolation -e .``) so the build sees the
 torch already installed instead of downloading another one.
@@ -15,6 +17,7 @@ torch already installed instead of downloading another one.
 import glob
 import os
 import shutil
+import subprocess
 import sys
 
 from setuptools import find_packages, setup
@@ -24,6 +27,41 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 
 def _say(msg: str) -> None:
     print(f"onerec_fast setup: {msg}", file=sys.stderr)
+
+
+def _links_shared_libstdcxx(cxx: str) -> bool:
+    """True when ``cxx`` finds a shared libstdc++ to link against (``-print-file-name`` answers a path)."""
+    try:
+        found = subprocess.run([cxx, "-print-file-name=libstdc++.so"], capture_output=True, text=True,
+                               timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return os.path.isabs(found) and os.path.exists(found)
+
+
+def _cxx_driver(default: str) -> str:
+    """The C++ driver that compiles the bindings and links ``_C``: ``$CXX`` or torch's ``default``, unless
+    that driver has no shared libstdc++ (issue 17).
+
+    Such a driver links libstdc++.a into the extension, so ``_C`` carries a private C++ runtime
+    (``__cxa_throw``, the personality routine) beside the system libstdc++.so.6 that torch uses, and the
+    first ``c10::Error`` thrown inside ``_C`` killed the process with SIGSEGV. Measured on the H100 image
+    (torch 2.11, CC/CXX=/opt/gcc/bin/*, whose ``-print-file-name=libstdc++.so`` finds nothing): every build
+    linked by /opt/gcc/bin/g++ crashed on a failing TORCH_CHECK (with -shared-libgcc, -static-libgcc,
+    --eh-frame-hdr alike); the same sources built and linked by /usr/bin/g++ (same GCC 13.3) raised
+    RuntimeError (scratch/s17.sh, benchmarks/RESULTS.md 2026-12-06 session 6)."""
+    cxx = os.environ.get("CXX") or default
+    if _links_shared_libstdcxx(cxx):
+        return cxx
+    for other in ("/usr/bin/g++", "g++", "c++"):
+        path = shutil.which(other)
+        if path and _links_shared_libstdcxx(path):
+            _say(f"{cxx} finds no shared libstdc++ (it would link a private static C++ runtime into _C, "
+                 f"and C++ exceptions would crash): building with {path}")
+            return path
+    _say(f"WARNING: {cxx} finds no shared libstdc++ and no other C++ driver does: C++ exceptions thrown "
+         "inside onerec_fast._C may crash the process (the public ops check their arguments in Python first)")
+    return cxx
 
 
 def _cuda_extension():
@@ -50,6 +88,11 @@ def _cuda_extension():
         _say("no CUDA sources: building pure Python + Triton + reference")
         return [], {}
     arch = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0a")
+    from torch.utils import cpp_extension
+
+    # torch compiles the .cpp files with $CXX and setuptools links a C++ extension with $CXX when set:
+    # pinning it makes one driver do both.
+    os.environ["CXX"] = _cxx_driver(getattr(cpp_extension, "get_cxx_compiler", lambda: "c++")())
     _say(f"building CUDA extension onerec_fast._C for TORCH_CUDA_ARCH_LIST={arch} from {len(sources)} sources")
     ext = CUDAExtension(
         name="onerec_fast._C",
