@@ -82,6 +82,10 @@ class OneRecConfig:
     item_num_features: tuple[str, ...] = _DEFAULT_ITEM_NUM
     norm_eps: float = 1e-6
     dropout: float = 0.0  # on the input tokens, attention weights and residual branches (training only)
+    # Dropout on the attention weights alone (None: ``dropout``). On a CPU the weights' dropout is a third of a
+    # ``small`` training step (ML-100K, batch 256, 2 threads: 2.10 s with, 1.43 s without; SDPA falls back to
+    # its math path to drop them).
+    attn_dropout: float | None = None
     # Train each code level's softmax over the target prefix's children in the catalogue trie only, and rank by
     # the same renormalized probabilities at generation (beam search normalize="valid"): the model is then a
     # proper distribution over the catalogue's items. False: softmax over the whole codebook ("full").
@@ -112,6 +116,8 @@ class OneRecConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.attn_dropout is not None and not 0.0 <= self.attn_dropout < 1.0:
+            raise ValueError(f"attn_dropout must be in [0, 1) or None, got {self.attn_dropout}")
         self.item_num_features = tuple(self.item_num_features)
         self.trie_nodes = tuple(int(n) for n in self.trie_nodes)
         if self.trie_nodes and (len(self.trie_nodes) != self.code_levels or min(self.trie_nodes) < 1):
@@ -123,6 +129,11 @@ class OneRecConfig:
         """Codebook size of each code level: ``[code_levels]``."""
         c = self.codebook_size
         return tuple(int(v) for v in c) if isinstance(c, (tuple, list)) else (int(c),) * self.code_levels
+
+    @property
+    def attention_dropout(self) -> float:
+        """Dropout on the attention weights: ``attn_dropout``, else ``dropout``."""
+        return self.dropout if self.attn_dropout is None else self.attn_dropout
 
     @property
     def head_dim(self) -> int:

@@ -37,9 +37,9 @@ class DecoderLayer(nn.Module):
         super().__init__()
         d = cfg.d_model
         self.norm1 = nn.RMSNorm(d, eps=cfg.norm_eps)
-        self.self_attn = Attention(d, cfg.n_heads, cfg.dropout)
+        self.self_attn = Attention(d, cfg.n_heads, cfg.attention_dropout)
         self.norm2 = nn.RMSNorm(d, eps=cfg.norm_eps)
-        self.cross_attn = Attention(d, cfg.n_heads, cfg.dropout)
+        self.cross_attn = Attention(d, cfg.n_heads, cfg.attention_dropout)
         self.norm3 = nn.RMSNorm(d, eps=cfg.norm_eps)
         self.ffn = make_ffn(cfg, "dec")
         self.drop = nn.Dropout(cfg.dropout)  # residual branches, training only

@@ -147,7 +147,7 @@ class EncoderLayer(nn.Module):
     def __init__(self, cfg: OneRecConfig):
         super().__init__()
         self.norm1 = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.dropout)
+        self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.attention_dropout)
         self.norm2 = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.ffn = make_ffn(cfg, "enc")
         self.drop = nn.Dropout(cfg.dropout)

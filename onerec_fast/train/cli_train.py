@@ -30,6 +30,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--lifelong-len", type=positive_int, default=None,
                         help="lifelong items per user before hierarchical compression (default: preset)")
     parser.add_argument("--dropout", type=number(float, min=0.0, max=0.9), default=None, help="dropout of the transformer (default: preset)")
+    parser.add_argument("--attn-dropout", type=number(float, min=0.0, max=0.9), default=None,
+                        help="dropout on the attention weights alone (default: --dropout's value)")
     parser.add_argument("--steps", type=positive_int, default=None,
                         help="optimizer steps in the whole run (default: the recipe's epochs over the training targets)")
     parser.add_argument("--batch-size", type=positive_int, default=None, help="global batch, all ranks together (default: recipe)")
@@ -95,6 +97,8 @@ def build_trainer(args, prepared, recipe, synthetic: dict | None = None, show_pr
     bc = prepared.batch_config
     ds = prepared.datasets["train"]
     dropout = {} if args.dropout is None else {"dropout": args.dropout}
+    if getattr(args, "attn_dropout", None) is not None:  # the demo's namespace has no --attn-dropout
+        dropout["attn_dropout"] = args.attn_dropout
     cfg = OneRecConfig.preset(args.preset, **dropout, short_len=bc.short_len,
                               pos_len=bc.positive_len, lifelong_len=bc.lifelong_len, backend=args.backend,
                               **features_from_dataset(ds, prepared.item_codes, use_user_id=recipe.user_id))
