@@ -82,8 +82,8 @@ class OneRecConfig:
     item_num_features: tuple[str, ...] = _DEFAULT_ITEM_NUM
     norm_eps: float = 1e-6
     dropout: float = 0.0  # on the input tokens, attention weights and residual branches (training only)
-    # Dropout on the attention weights alone (None: ``dropout``). Without it SDPA may take its fused kernels on a
-    # CPU (a ``small`` ML-100K step on a fixed batch: 2.26 s -> 1.44 s), but ML-100K quality fell (0.1103 / 0.0516
+    # Dropout on the attention weights alone (None: ``dropout``). Without it a CPU step is cheaper (a ``small``
+    # ML-100K step on a fixed batch: 2.26 s -> 1.44 s), but ML-100K quality fell (0.1103 / 0.0516
     # -> 0.0986 / 0.0491 Recall/NDCG@10, CPU, seed 0; docs/ARCHITECTURE.md): the presets keep it.
     attn_dropout: float | None = None
     # Train each code level's softmax over the target prefix's children in the catalogue trie only, and rank by
