@@ -248,3 +248,17 @@ def test_node_heads_belong_to_their_catalogue(world):
     model.set_items(codes[: codes.shape[0] // 2])
     with pytest.raises(ValueError, match="belong to the catalogue"):
         model.generate(b, beam_size=4)
+
+
+def test_attention_dropout_defaults_to_dropout_and_can_be_set_apart():
+    from onerec_fast.model.layers import Attention
+
+    def rates(cfg):
+        return {m.dropout for m in OneRec(cfg).modules() if isinstance(m, Attention)}
+
+    base = OneRecConfig.preset("tiny", dropout=0.2)
+    assert base.attention_dropout == 0.2 and rates(base) == {0.2}
+    apart = base.replace(attn_dropout=0.0)
+    assert rates(apart) == {0.0} and apart.dropout == 0.2
+    with pytest.raises(ValueError, match="attn_dropout"):
+        base.replace(attn_dropout=1.0)
