@@ -49,7 +49,7 @@ def _cxx_driver(default: str) -> str:
     (torch 2.11, CC/CXX=/opt/gcc/bin/*, whose ``-print-file-name=libstdc++.so`` finds nothing): every build
     linked by /opt/gcc/bin/g++ crashed on a failing TORCH_CHECK (with -shared-libgcc, -static-libgcc,
     --eh-frame-hdr alike); the same sources built and linked by /usr/bin/g++ (same GCC 13.3) raised
-    RuntimeError (scratch/s17.sh, benchmarks/RESULTS.md 2026-12-06 session 6)."""
+    RuntimeError (benchmarks/diagnostics/cxx_exceptions/s17.sh; benchmarks/RESULTS.md 2026-12-06 session 6)."""
     cxx = os.environ.get("CXX") or default
     if _links_shared_libstdcxx(cxx):
         return cxx
