@@ -2,16 +2,15 @@
 # Issue 17 on the GPU machine (one H100/H200, 16 cores), about 250 s wall in all. From the repo root:
 #     bash benchmarks/diagnostics/cxx_exceptions/s17.sh   (files go to $OUT, default /tmp/s17out;
 #                                                           S17_DEADLINE=seconds, default 262)
-# Needs beside it: s17_throw.py, s17_segv.c, s17_probe_bindings.cpp, s17_setup_fix.py. Results of the run that
+# Needs beside it: s17_throw.py, s17_segv.c, s17_probe_bindings.cpp. Results of the run that
 # found the cause (the repo's setup.py before _cxx_driver): benchmarks/RESULTS.md, 2026-12-06 session 6. Since
 # then build A (and E, whose $CXX has no shared libstdc++) go through setup.py's _cxx_driver: A checks the fix.
 #  1. toolchain facts: compilers, what torch's cpp_extension and setuptools pick, libstdc++/libgcc_s
 #  2. builds of onerec_fast._C, concurrently: R = this repo (pip install -e ., needed by 4) and copies of the
 #     repo under /tmp/s17w with csrc/bindings.cpp replaced by the probe build (s17_probe_bindings.cpp):
-#        A default toolchain               B system compiler: CC=/usr/bin/gcc CXX=/usr/bin/g++
+#        A the repo's setup.py            B system compiler: CC=/usr/bin/gcc CXX=/usr/bin/g++
 #        C LDFLAGS=-shared-libgcc           D LDFLAGS="-static-libgcc -static-libstdc++" (breaks on purpose?)
 #        E CC/CXX=/opt/gcc/bin/gcc,g++      F LDFLAGS=-Wl,--eh-frame-hdr
-#        W setup.py = s17_setup_fix.py (candidate fix: one C++ driver for compile+link, -shared-libgcc)
 #  3. per build: s17_throw.py (child processes, crash = exit code, LD_PRELOADed reporter s17_segv.so),
 #     ELF facts of the .so; cuda-gdb backtrace of the first crash
 #  4. after R: compute-sanitizer racecheck of the beam-step kernel (3 subsets) and memcheck of the Triton
@@ -54,7 +53,7 @@ wait_pids() { # pids...: until all ended or the deadline is 12 s away
 }
 NCPU=$(nproc)
 say "repo $REPO, python $(command -v $PY), $NCPU cores, deadline ${DEADLINE}s, OUT=$OUT"
-for f in s17_throw.py s17_segv.c s17_probe_bindings.cpp s17_setup_fix.py; do
+for f in s17_throw.py s17_segv.c s17_probe_bindings.cpp; do
   [ -f "$S/$f" ] || say "MISSING $S/$f"
 done
 
@@ -104,12 +103,11 @@ say "building R (pip install -e ., MAX_JOBS=6) pid $RPID"
 
 VPIDS=()
 VARIANTS=()
-variant() { # name nice setup(default|fix) VAR=VALUE...
-  local n=$1 nc=$2 su=$3
-  shift 3
+variant() { # name nice VAR=VALUE...
+  local n=$1 nc=$2
+  shift 2
   local d=$W/v$n
   mkdir -p "$d" && tar -C "$d" -xf "$SRC_TAR" && cp "$S/s17_probe_bindings.cpp" "$d/csrc/bindings.cpp"
-  [ "$su" = fix ] && cp "$S/s17_setup_fix.py" "$d/setup.py"
   echo "$*" >"$W/env_$n.txt"
   (
     cd "$d" && local t=$(date +%s)
@@ -123,17 +121,16 @@ variant() { # name nice setup(default|fix) VAR=VALUE...
   VPIDS+=($!)
   VARIANTS+=("$n")
 }
-variant A 5 default
+variant A 5
 if [ -x /usr/bin/g++ ] && [ -x /usr/bin/gcc ]; then
-  variant B 5 default CC=/usr/bin/gcc CXX=/usr/bin/g++ NVCC_APPEND_FLAGS=-allow-unsupported-compiler
+  variant B 5 CC=/usr/bin/gcc CXX=/usr/bin/g++ NVCC_APPEND_FLAGS=-allow-unsupported-compiler
 else say "no /usr/bin/g++: variant B skipped"; fi
-variant C 5 default "LDFLAGS=${LDFLAGS:-} -shared-libgcc"
-variant W 5 fix
-variant D 10 default "LDFLAGS=${LDFLAGS:-} -static-libgcc -static-libstdc++"
+variant C 5 "LDFLAGS=${LDFLAGS:-} -shared-libgcc"
+variant D 10 "LDFLAGS=${LDFLAGS:-} -static-libgcc -static-libstdc++"
 if [ -x /opt/gcc/bin/g++ ] && [ -x /opt/gcc/bin/gcc ]; then
-  variant E 10 default CC=/opt/gcc/bin/gcc CXX=/opt/gcc/bin/g++ NVCC_APPEND_FLAGS=-allow-unsupported-compiler
+  variant E 10 CC=/opt/gcc/bin/gcc CXX=/opt/gcc/bin/g++ NVCC_APPEND_FLAGS=-allow-unsupported-compiler
 else say "no /opt/gcc/bin/g++: variant E skipped"; fi
-variant F 10 default "LDFLAGS=${LDFLAGS:-} -Wl,--eh-frame-hdr"
+variant F 10 "LDFLAGS=${LDFLAGS:-} -Wl,--eh-frame-hdr"
 say "building variants ${VARIANTS[*]} (MAX_JOBS=3 each, niced) under $W"
 
 # ------------------------------------------------------------------------------------------------ 1. toolchain
