@@ -97,7 +97,7 @@ def build_trainer(args, prepared, recipe, synthetic: dict | None = None, show_pr
     bc = prepared.batch_config
     ds = prepared.datasets["train"]
     dropout = {} if args.dropout is None else {"dropout": args.dropout}
-    if getattr(args, "attn_dropout", None) is not None:  # the demo's namespace has no --attn-dropout
+    if args.attn_dropout is not None:
         dropout["attn_dropout"] = args.attn_dropout
     cfg = OneRecConfig.preset(args.preset, **dropout, short_len=bc.short_len,
                               pos_len=bc.positive_len, lifelong_len=bc.lifelong_len, backend=args.backend,
