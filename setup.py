@@ -39,9 +39,9 @@ def _links_shared_libstdcxx(cxx: str) -> bool:
     return os.path.isabs(found) and os.path.exists(found)
 
 
-def _cxx_driver(default: str) -> str:
-    """The C++ driver that compiles the bindings and links ``_C``: ``$CXX`` or torch's ``default``, unless
-    that driver has no shared libstdc++ (issue 17).
+def _cxx_driver(cxx: str) -> str:
+    """The C++ driver that compiles the bindings and links ``_C``: torch's choice ``cxx`` (``$CXX``, else
+    ``c++``), unless that driver has no shared libstdc++ (issue 17).
 
     Such a driver links libstdc++.a into the extension, so ``_C`` carries a private C++ runtime
     (``__cxa_throw``, the personality routine) beside the system libstdc++.so.6 that torch uses, and the
@@ -50,7 +50,6 @@ def _cxx_driver(default: str) -> str:
     linked by /opt/gcc/bin/g++ crashed on a failing TORCH_CHECK (with -shared-libgcc, -static-libgcc,
     --eh-frame-hdr alike); the same sources built and linked by /usr/bin/g++ (same GCC 13.3) raised
     RuntimeError (benchmarks/diagnostics/cxx_exceptions/s17.sh; benchmarks/RESULTS.md 2026-12-06 session 6)."""
-    cxx = os.environ.get("CXX") or default
     if _links_shared_libstdcxx(cxx):
         return cxx
     for other in ("/usr/bin/g++", "g++", "c++"):
@@ -71,7 +70,7 @@ def _cuda_extension():
         return [], {}
     try:
         import torch
-        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension, get_cxx_compiler
     except ImportError as e:
         _say(f"torch not importable at build time ({e}): building pure Python + Triton + reference")
         return [], {}
@@ -88,11 +87,9 @@ def _cuda_extension():
         _say("no CUDA sources: building pure Python + Triton + reference")
         return [], {}
     arch = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0a")
-    from torch.utils import cpp_extension
-
     # torch compiles the .cpp files with $CXX and setuptools links a C++ extension with $CXX when set:
     # pinning it makes one driver do both.
-    os.environ["CXX"] = _cxx_driver(getattr(cpp_extension, "get_cxx_compiler", lambda: "c++")())
+    os.environ["CXX"] = _cxx_driver(get_cxx_compiler())
     _say(f"building CUDA extension onerec_fast._C for TORCH_CUDA_ARCH_LIST={arch} from {len(sources)} sources")
     ext = CUDAExtension(
         name="onerec_fast._C",
