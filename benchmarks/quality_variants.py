@@ -44,6 +44,8 @@ def main(argv=None) -> int:
     p.add_argument("--time-budget", type=float, default=0.0, help="seconds of training (0: none)")
     p.add_argument("--eval-users", type=int, default=8000)
     p.add_argument("--beam", type=int, default=64)
+    p.add_argument("--extra-beams", type=int, nargs="*", default=[],
+                   help="also report the test Recall/NDCG@10 at these beam sizes (keys beamN/recall@10, ...)")
     p.add_argument("--sasrec", default=None, help="JSON SASRecConfig fields: train the baseline instead")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--out", default="runs/variants")
@@ -92,6 +94,10 @@ def main(argv=None) -> int:
     model.load_state_dict(load_checkpoint(os.path.join(out, "best.pt"))["model"])
     res = evaluate_onerec(model, prep.datasets["test"], ks=(5, 10), beam_size=a.beam, device=dev, batch_size=256,
                           show_progress=False, normalize=a.normalize)
+    for beam in a.extra_beams:
+        r = evaluate_onerec(model, prep.datasets["test"], ks=(10,), beam_size=beam, device=dev, batch_size=256,
+                            show_progress=False, normalize=a.normalize)
+        res.update({f"beam{beam}/{k}": v for k, v in r.items() if k.endswith("@10")})
     print(json.dumps({"name": a.name, "final": True, "test": res, "best_step": trainer.selection["best_step"],
                       "best_valid": trainer.selection["best"], "steps": trainer.step, "per_epoch": per_epoch,
                       "train_s": round(train_s), "steps_per_s": trainer.step / train_s,

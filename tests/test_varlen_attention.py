@@ -66,6 +66,21 @@ def _assert_lse(lse, ref, dtype, device):
 
 
 @pytest.mark.parametrize("shared", [False, True])
+def test_cpu_length_groups_match_the_reference(shared):
+    """On a CPU, varlen_cross_attention pads per group of rows sorted by length: the same outputs, lse
+    and gradients as the reference padding every row to the longest (empty rows and one-row groups too)."""
+    from onerec_fast.ops import varlen_attention as va
+
+    g = torch.Generator().manual_seed(3)
+    lengths = [0] * 5 + torch.randint(1, 300, (va._CPU_ROWS_PER_GROUP * 2,), generator=g).tolist() + [737, 1]
+    (q, k, v), cu = _make(lengths, 4, 2, 8, 32, shared, torch.float64, "cpu")
+    got = _run(lambda *a: varlen_cross_attention(*a, cu, backend="reference", return_lse=True), q, k, v)
+    want = _run(lambda *a: varlen_cross_attention_ref(*a, cu), q, k, v)
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("shared", [False, True])
 def test_reference_matches_padded_sdpa(shared):
     lengths = [0, 1, 17, 40, 5]
     heads, kv_heads, seqlen_q, head_dim = 4, 2, 7, 16

@@ -191,8 +191,11 @@ class OneRecDecoder(nn.Module):
                 k_new = torch.cat([state.self_kv[i][0], k_new], dim=3)
                 v_new = torch.cat([state.self_kv[i][1], v_new], dim=3)
             new_cache.append((k_new, v_new))
-            # Every cached position is visible; flattened to 4-D, the layout the fused SDPA kernels take.
-            a = F.scaled_dot_product_attention(q.flatten(0, 1), k_new.flatten(0, 1), v_new.flatten(0, 1))
+            # Every cached position is visible, at most L keys per query: two small matmuls. One SDPA call over
+            # the B x beam rows failed in cuDNN on the H100 at 65,536 rows (256 users x beam 256,
+            # "mha_graph.execute(...).is_good()", 2026-12-06); 32,768 rows ran.
+            scores = (q @ k_new.transpose(-1, -2)) * q.shape[-1] ** -0.5  # [B, nb, H, 1, t + 1]
+            a = scores.float().softmax(-1).to(v_new.dtype) @ v_new  # [B, nb, H, 1, Dh]
             x = x + layer.self_attn.o(merge_heads(a).view(B, nb, -1))
             ck, cv = state.cross_kv[i]
             x = x + layer.cross_attn.attend(layer.norm2(x), ck, cv, state.key_mask)  # [B, nb, d]: beams as queries

@@ -152,10 +152,16 @@ class EncoderLayer(nn.Module):
         self.ffn = make_ffn(cfg, "enc")
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor, real: torch.Tensor | None = None) -> torch.Tensor:
+        """``x: [B, S, d]``, ``key_mask: bool [B, 1, 1, S]``; ``real``: int64 ``[T]`` flat indices (into B x S)
+        of the real tokens, or None. With ``real`` the FFN runs on those tokens only and padding slots keep
+        their attention output (padding is never a key, and its states are never read)."""
         h = self.norm1(x)
         x = x + self.drop(self.attn(h, h, key_mask))
-        return x + self.drop(self.ffn(self.norm2(x)))
+        if real is None:
+            return x + self.drop(self.ffn(self.norm2(x)))
+        flat = x.flatten(0, 1)
+        return flat.index_add(0, real, self.drop(self.ffn(self.norm2(flat[real]))).to(flat.dtype)).view_as(x)
 
 
 class OneRecEncoder(nn.Module):
@@ -223,8 +229,13 @@ class OneRecEncoder(nn.Module):
         ones = torch.ones(B, 1, dtype=torch.bool, device=device)
         mask = torch.cat([ones, sh_mask, po_mask, ones.expand(B, cfg.num_queries)], dim=1)
         key_mask = mask[:, None, None, :]  # [B, 1, 1, S]: padding never serves as a key
+        # A CPU step is compute-bound and most slots of short histories are padding (Amazon Sports: 29 real
+        # of 87 slots per user on average): there the FFN runs on the real tokens only (a Sports `small` step
+        # 1.35 s -> 1.22 s on a 2-core CPU; MovieLens, 68 of 87 real, gains less). On CUDA the shapes
+        # stay fixed (finding the real tokens would sync the host; a GPU step is launch-bound).
+        real = mask.flatten().nonzero().squeeze(1) if device.type == "cpu" else None
         for layer in self.layers:
-            x = layer(x, key_mask)
+            x = layer(x, key_mask, real)
         return EncoderOutput(self.norm(x), mask)
 
     def flops(self, short_len: torch.Tensor, pos_len: torch.Tensor, lifelong_len: torch.Tensor,

@@ -114,6 +114,34 @@ def varlen_cross_attention_ref(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_k: Te
     return padded_cross_attention_ref(q, kp, vp, lengths, softmax_scale)
 
 
+# On a CPU the reference is the production path, and padding every row to the longest costs: a MovieLens-100K
+# batch of 256 lifelong histories averages 100 keys a row against a longest of 581 (the QFormer was about a
+# quarter of a CPU training step). Rows sorted by length and padded per group of 32 do the same arithmetic
+# per row on a fraction of the padding: forward + backward at those lengths 0.70 s -> 0.13 s on this 2-core CPU.
+_CPU_ROWS_PER_GROUP = 32
+
+
+def _varlen_ref_length_groups(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_k: Tensor,
+                              scale: float) -> tuple[Tensor, Tensor]:
+    """:func:`varlen_cross_attention_ref` per group of rows of similar key length (CPU tensors; same shapes
+    and values, rows are independent)."""
+    cu = cu_seqlens_k.long()
+    lengths = cu[1:] - cu[:-1]
+    order = torch.argsort(lengths, stable=True)
+    outs, lses = [], []
+    for rows in order.split(_CPU_ROWS_PER_GROUP):
+        lens = lengths[rows]
+        sub_cu = torch.cat([lens.new_zeros(1), lens.cumsum(0)])
+        total = int(sub_cu[-1])
+        tok = torch.repeat_interleave(cu[:-1][rows] - sub_cu[:-1], lens, output_size=total) + torch.arange(total)
+        out, lse = varlen_cross_attention_ref(q[rows] if q.dim() == 4 else q, k[tok], v[tok], sub_cu, scale,
+                                              int(lens.max()))
+        outs.append(out)
+        lses.append(lse)
+    back = torch.argsort(order)
+    return torch.cat(outs)[back], torch.cat(lses)[back]
+
+
 # ----------------------------------------------------------------------------------------------
 # custom ops (fused backends)
 # ----------------------------------------------------------------------------------------------
@@ -306,7 +334,10 @@ def varlen_cross_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_k: Tensor
         check_dim("q", q, 0, batch, "rows of cu_seqlens_k")
     scale = _scale(softmax_scale, q.shape[-1])
     name = _pick_backend(backend, q)
-    if name == "reference":
+    if name == "reference" and k.device.type == "cpu" and batch > _CPU_ROWS_PER_GROUP \
+            and not torch.compiler.is_compiling():
+        out, lse = _varlen_ref_length_groups(q, k, v, cu_seqlens_k, scale)
+    elif name == "reference":
         out, lse = varlen_cross_attention_ref(q, k, v, cu_seqlens_k, scale, max_seqlen_k)
     else:
         cu = cu_seqlens_k.to(torch.int32)
