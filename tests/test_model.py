@@ -9,7 +9,7 @@ import torch
 from onerec_fast.model.config import PARAM_MARGIN, PRESETS, OneRecConfig, nominal_parameters
 from onerec_fast.model.encoder import PaddedItems
 from onerec_fast.model.onerec import OneRec
-from tests.helpers import DEVICES
+from tests.helpers import DEVICES, requires_cuda
 from tests.model_world import POS, QUERIES, SHORT, batch_of, make_model, one_thread, world  # noqa: F401 (fixtures)
 
 
@@ -262,3 +262,16 @@ def test_attention_dropout_defaults_to_dropout_and_can_be_set_apart():
     assert rates(apart) == {0.0} and apart.dropout == 0.2
     with pytest.raises(ValueError, match="attn_dropout"):
         base.replace(attn_dropout=1.0)
+
+
+@requires_cuda
+def test_generate_at_65536_decoder_rows(world):
+    """256 users x beam 256 under bf16 autocast: one SDPA call over that many decode rows failed in cuDNN on an
+    H100 (`mha_graph.execute(...).is_good()`); the decode step's self-attention must run at this size."""
+    _, codes, ds, test = world
+    model = _model(ds, codes, "cuda").eval()
+    b = batch_of(test, [i % len(test) for i in range(256)]).to("cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = model.generate(b, beam_size=256, num_return=10)
+    torch.cuda.synchronize()
+    assert out.item_ids.shape == (256, 10) and bool((out.item_ids >= 0).all())
