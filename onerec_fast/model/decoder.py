@@ -191,9 +191,9 @@ class OneRecDecoder(nn.Module):
                 k_new = torch.cat([state.self_kv[i][0], k_new], dim=3)
                 v_new = torch.cat([state.self_kv[i][1], v_new], dim=3)
             new_cache.append((k_new, v_new))
-            # Every cached position is visible, at most L keys per query: two small matmuls. One SDPA call over
-            # the B x beam rows failed in cuDNN on the H100 at 65,536 rows (256 users x beam 256,
-            # "mha_graph.execute(...).is_good()", 2026-12-06); 32,768 rows ran.
+            # Every cached position is visible, at most L keys per query: two small matmuls. With SDPA here, a
+            # beam-256 evaluation of 256 users failed in cuDNN attention on an H100 ("mha_graph.execute(...)
+            # .is_good()", 2026-12-06; beam 128 ran): this is the attention whose batch is B x beam (65,536).
             scores = (q @ k_new.transpose(-1, -2)) * q.shape[-1] ** -0.5  # [B, nb, H, 1, t + 1]
             a = scores.float().softmax(-1).to(v_new.dtype) @ v_new  # [B, nb, H, 1, Dh]
             x = x + layer.self_attn.o(merge_heads(a).view(B, nb, -1))

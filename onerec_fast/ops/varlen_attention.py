@@ -117,7 +117,8 @@ def varlen_cross_attention_ref(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_k: Te
 # On a CPU the reference is the production path, and padding every row to the longest costs: a MovieLens-100K
 # batch of 256 lifelong histories averages 100 keys a row against a longest of 581 (the QFormer was about a
 # quarter of a CPU training step). Rows sorted by length and padded per group of 32 do the same arithmetic
-# per row on a fraction of the padding: forward + backward at those lengths 0.70 s -> 0.13 s on this 2-core CPU.
+# per row on a fraction of the padding: forward + backward at those lengths 3-5x faster on a 2-core CPU
+# (benchmarks/time_cpu_step.py).
 _CPU_ROWS_PER_GROUP = 32
 
 
