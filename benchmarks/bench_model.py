@@ -74,7 +74,7 @@ def _reset_mem(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-def bench_impl(label: str, backend: str, args, state: dict, batch_cpu, gen_batch_cpu, peak) -> dict:
+def bench_impl(label: str, backend: str, lm_head: str, args, state: dict, batch_cpu, gen_batch_cpu, peak) -> dict:
     from onerec_fast.model.onerec import OneRec
     from onerec_fast.perf.mfu import mfu
 
@@ -84,7 +84,7 @@ def bench_impl(label: str, backend: str, args, state: dict, batch_cpu, gen_batch
         model = OneRec(cfg)
     model.load_state_dict(state)  # same weights for every implementation
     search_backend = "reference" if backend == "reference" else "auto"
-    row = {"impl": label, "backend": backend}
+    row = {"impl": label, "backend": backend, "lm_head": lm_head}
 
     # -- training step
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
@@ -116,7 +116,8 @@ def bench_impl(label: str, backend: str, args, state: dict, batch_cpu, gen_batch
 
     def generate():
         with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            return model.generate(gb, beam_size=args.beam, num_return=10, search_backend=search_backend)
+            return model.generate(gb, beam_size=args.beam, num_return=10, search_backend=search_backend,
+                                  lm_head=lm_head)
 
     _reset_mem(device)
     ms = _timed(generate, device, args.warmup, args.gen_reps)
@@ -142,7 +143,9 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=10, help="timed training steps")
     p.add_argument("--gen-reps", type=int, default=10, help="timed generation batches")
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--impls", default="fused,reference", help="comma list of fused, reference")
+    p.add_argument("--impls", default="fused,reference",
+                   help="comma list of fused, fused-head (fused, and generation through the fused constrained LM "
+                        "head: OneRec.generate(lm_head='fused')), reference")
     p.add_argument("--out", default="bench_results/model")
     p.add_argument("--device", default="cuda", help="cuda (the benchmark) or cpu (a smoke test with --preset tiny)")
     args = p.parse_args(argv)
@@ -171,11 +174,11 @@ def main(argv=None) -> int:
     print(f"OneRec {args.preset}: {n_params / 1e6:.1f}M dense parameters; train batch {args.batch} users x {cfg.enc_len} tokens "
           f"(+{args.lifelong} lifelong items); generation {args.gen_batch} users x beam {args.beam} over "
           f"{args.num_items} items; peak {peak}")
-    labels = {"fused": "auto", "reference": "reference"}
+    labels = {"fused": ("auto", "logits"), "fused-head": ("auto", "fused"), "reference": ("reference", "logits")}
     rows = []
     for label in args.impls.split(","):
         t0 = time.perf_counter()
-        rows.append(bench_impl(label, labels[label], args, state, batch, gen_batch, peak))
+        rows.append(bench_impl(label, *labels[label], args, state, batch, gen_batch, peak))
         print(f"{label}: done in {time.perf_counter() - t0:.0f}s", flush=True)
     cols = [("train_step_ms", "train ms"), ("train_users_per_s", "train users/s"), ("train_mfu", "train MFU"),
             ("train_peak_mem_gb", "train GB"), ("gen_batch_ms", "gen ms/batch"), ("gen_users_per_s", "gen users/s"),
@@ -184,9 +187,11 @@ def main(argv=None) -> int:
     for r in rows:
         cells = "".join(f"{100 * r[k]:>14.1f}%" if "mfu" in k else f"{r[k]:>15.2f}" for k, _ in cols)
         print(f"{r['impl']:<10}{cells}")
-    if len(rows) == 2:
-        print(f"speedup fused/reference: train {rows[1]['train_step_ms'] / rows[0]['train_step_ms']:.2f}x, "
-              f"generation {rows[1]['gen_batch_ms'] / rows[0]['gen_batch_ms']:.2f}x")
+    base = next((r for r in rows if r["impl"] == "reference"), None)
+    for r in rows:
+        if base is not None and r is not base:
+            print(f"speedup {r['impl']}/reference: train {base['train_step_ms'] / r['train_step_ms']:.2f}x, "
+                  f"generation {base['gen_batch_ms'] / r['gen_batch_ms']:.2f}x")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     env = {"gpu": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__, "cuda": torch.version.cuda,

@@ -9,7 +9,7 @@ import torch
 from onerec_fast.model.config import PARAM_MARGIN, PRESETS, OneRecConfig, nominal_parameters
 from onerec_fast.model.encoder import PaddedItems
 from onerec_fast.model.onerec import OneRec
-from tests.helpers import DEVICES, requires_cuda
+from tests.helpers import DEVICES, TRITON_DEVICES, requires_cuda
 from tests.model_world import POS, QUERIES, SHORT, batch_of, make_model, one_thread, world  # noqa: F401 (fixtures)
 
 
@@ -156,15 +156,16 @@ def test_decoder_is_causal(world, device, node_heads):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("moe, node_heads", [(True, False), (False, False), (False, True)])
-def test_generate_matches_brute_force(world, moe, node_heads, device):
+@pytest.mark.parametrize("moe, node_heads, newest", [(True, False, False), (False, False, False),
+                                                      (False, True, False), (False, True, True)])
+def test_generate_matches_brute_force(world, moe, node_heads, newest, device):
     """With beam >= catalogue size the search is exhaustive: its top-K must equal ranking every item by
     the sum of its codes' log-probs under teacher forcing (full-vocabulary softmax; with node heads, the
-    trie-normalized softmax the model trains with)."""
+    trie-normalized softmax the model trains with; ``newest``: BOS adds the newest item's encoder state)."""
     _, codes, ds, test = world
     over = {} if moe else {"dec_moe_experts": 0, "dec_moe_top_k": 0}
     if node_heads:
-        over.update(node_heads=True, trie_loss=True)
+        over.update(node_heads=True, trie_loss=True, bos_newest_item=newest)
     model = _model(ds, codes, device, **over).eval()
     _randomize_node_heads(model, 2.0)
     codes = codes.to(device)
@@ -195,6 +196,32 @@ def test_generate_matches_brute_force(world, moe, node_heads, device):
     torch.testing.assert_close(out.scores, best.values, rtol=1e-4, atol=1e-4 if device == "cpu" else 2e-2)
     with pytest.raises(ValueError, match="num_return"):
         model.generate(b, beam_size=4, num_return=5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("moe, normalize", [(True, "full"), (False, "valid")])
+def test_generate_fused_lm_head_matches_logits(world, device, moe, normalize):
+    """``lm_head="fused"`` (the decoder's hidden states through the constrained LM head, no [B, beam, V]
+    logits) returns the items of the logits path, in the same order, with the same scores."""
+    _, codes, ds, test = world
+    over = {} if moe else {"dec_moe_experts": 0, "dec_moe_top_k": 0}
+    model = _model(ds, codes, device, **over).eval()
+    with torch.no_grad():
+        for h in model.decoder.heads:
+            h.weight.mul_(20)  # peaky distributions: well separated ranks
+    b = batch_of(test, range(6)).to(device)
+    ref = model.generate(b, beam_size=16, num_return=10, normalize=normalize)
+    # "triton": the Triton LM head (the interpreter on a CPU); "auto": the fastest available (reference on a CPU)
+    for backend in ("auto", "triton") if device in TRITON_DEVICES else ("auto",):
+        out = model.generate(b, beam_size=16, num_return=10, normalize=normalize, lm_head="fused",
+                             search_backend=backend)
+        assert torch.equal(out.item_ids, ref.item_ids) and torch.equal(out.codes, ref.codes), backend
+        torch.testing.assert_close(out.scores, ref.scores, rtol=1e-4, atol=1e-4 if device == "cpu" else 2e-2)
+    with pytest.raises(ValueError, match="lm_head"):
+        model.generate(b, beam_size=4, lm_head="dense")
+    nh = _model(ds, codes, device, node_heads=True, trie_loss=True).eval()
+    with pytest.raises(ValueError, match="node heads"):
+        nh.generate(b, beam_size=4, lm_head="fused")
 
 
 def test_generate_fewer_items_than_beam(world):
@@ -248,6 +275,25 @@ def test_node_heads_belong_to_their_catalogue(world):
     model.set_items(codes[: codes.shape[0] // 2])
     with pytest.raises(ValueError, match="belong to the catalogue"):
         model.generate(b, beam_size=4)
+
+
+def test_bos_reads_the_newest_item(world):
+    """With ``bos_newest_item`` the first code's logits change with the newest item's encoder state."""
+    _, codes, ds, _ = world
+    model = make_model(ds, codes, bos_newest_item=True, dropout=0.0).eval()
+    b = batch_of(ds, range(8))
+    enc = model.encode(b)
+    slot = model.cfg.short_len
+    assert bool(enc.mask[:, slot].all())  # every user here has a newest item, in the last short-term slot
+    base = model.decoder(b.target_codes, enc)[0]
+    enc.states[3, slot] += 1.0
+    moved = model.decoder(b.target_codes, enc)[0]
+    assert not torch.allclose(moved[3], base[3])
+    torch.testing.assert_close(moved[:3], base[:3])  # rows are independent
+    enc.mask[5, slot] = False  # no newest item: BOS alone
+    plain = make_model(ds, codes, dropout=0.0).eval()
+    plain.load_state_dict(model.state_dict())
+    torch.testing.assert_close(model.decoder(b.target_codes, enc)[0][5], plain.decoder(b.target_codes, enc)[0][5])
 
 
 def test_attention_dropout_defaults_to_dropout_and_can_be_set_apart():

@@ -97,6 +97,10 @@ class OneRecConfig:
     # at depth 1..L (``features_from_dataset`` fills it); the parameters belong to that catalogue.
     node_heads: bool = False
     trie_nodes: tuple[int, ...] = ()
+    # The decoder's first input (BOS) adds the encoder state of the user's newest item (the last short-term
+    # slot), so the residual stream that predicts the first code starts from the item just consumed, as the
+    # last position of a causal sequence model does, instead of reaching it through cross-attention alone.
+    bos_newest_item: bool = False
     backend: str = "auto"  # passed to MoELayer and QFormer ("reference" = plain PyTorch everywhere)
 
     def __post_init__(self) -> None:

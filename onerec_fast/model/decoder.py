@@ -52,6 +52,7 @@ class DecodeState:
     cross_kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer, k/v [B, H, S, Dh], shared by the beams
     key_mask: torch.Tensor  # bool [B, 1, 1, S]
     self_kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer, k/v [B, beam, H, t, Dh]
+    newest: torch.Tensor | None = None  # [B, d] added to BOS (cfg.bos_newest_item), else None
 
 
 class OneRecDecoder(nn.Module):
@@ -116,6 +117,14 @@ class OneRecDecoder(nn.Module):
         out = torch.cat([logits.float(), logits.new_zeros(logits.shape[0], 1, dtype=torch.float32)], dim=1)
         return out.scatter_add(1, col, torch.where(ok, s, 0.0))[:, :-1]
 
+    def newest_item_state(self, enc: EncoderOutput) -> torch.Tensor | None:
+        """``[B, d]``: what BOS adds with ``cfg.bos_newest_item``, the encoder state of each user's newest item
+        (the last short-term slot; zero for a user without history); None without it."""
+        if not self.cfg.bos_newest_item:
+            return None
+        slot = self.cfg.short_len  # slot 0 is the static token, the newest item sits right-aligned at short_len
+        return enc.states[:, slot] * enc.mask[:, slot, None]
+
     def cross_kv(self, enc: EncoderOutput) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per layer, the cross-attention keys and values of the encoder states: ``[B, H, S, Dh]`` each."""
         return [layer.cross_attn.project_kv(enc.states) for layer in self.layers]
@@ -132,8 +141,12 @@ class OneRecDecoder(nn.Module):
             nodes = None
         elif nodes is None:
             nodes = trie.prefix_nodes(codes)  # [B, L + 1]
-        x = torch.stack([self.embed_token(codes[:, t - 1] if t else None, t, (B,),
-                                          nodes[:, t] if nodes is not None else None) for t in range(L)], dim=1)
+        inputs = [self.embed_token(codes[:, t - 1] if t else None, t, (B,), nodes[:, t] if nodes is not None else None)
+                  for t in range(L)]
+        newest = self.newest_item_state(enc)
+        if newest is not None:
+            inputs[0] = inputs[0] + newest
+        x = torch.stack(inputs, dim=1)
         key_mask = enc.mask[:, None, None, :]
         for layer in self.layers:
             h = layer.norm1(x)
@@ -156,11 +169,13 @@ class OneRecDecoder(nn.Module):
 
     # -- generation --------------------------------------------------------------------------------------
     def start(self, enc: EncoderOutput) -> DecodeState:
-        return DecodeState(self.cross_kv(enc), enc.mask[:, None, None, :], [])
+        return DecodeState(self.cross_kv(enc), enc.mask[:, None, None, :], [], self.newest_item_state(enc))
 
     def step(self, state: DecodeState, t: int, token: torch.Tensor | None, parents: torch.Tensor | None,
-             beam: int, nodes: torch.Tensor | None = None, trie=None) -> torch.Tensor:
-        """Logits ``[B, beam, V_t]`` of code level ``t`` for every beam.
+             beam: int, nodes: torch.Tensor | None = None, trie=None, hidden_only: bool = False) -> torch.Tensor:
+        """Logits ``[B, beam, V_t]`` of code level ``t`` for every beam (with ``hidden_only``, the final
+        hidden states ``[B, beam, d]`` that ``heads[t]`` would score: for the fused constrained LM head; not
+        with node heads, whose per-node vectors that head does not add).
 
         ``token: int64 [B, beam]`` is each beam's level-(t-1) code (None at t = 0); ``parents: int64
         [B, beam]`` the beam each one extends (its cache row; -1 for dead beams, whose scores are -inf and
@@ -178,6 +193,8 @@ class OneRecDecoder(nn.Module):
         else:
             nodes = nodes.long()
         x = self.embed_token(token, t, (B, nb), nodes)  # [B, nb, d]
+        if t == 0 and state.newest is not None:
+            x = x + state.newest[:, None]
         if t > 0:
             idx = parents.clamp_min(0)[:, :, None, None, None]
             state.self_kv = [tuple(torch.gather(c, 1, idx.expand(-1, -1, *c.shape[2:])) if c.shape[1] == beam
@@ -201,6 +218,11 @@ class OneRecDecoder(nn.Module):
             x = x + layer.cross_attn.attend(layer.norm2(x), ck, cv, state.key_mask)  # [B, nb, d]: beams as queries
             x = x + layer.ffn(layer.norm3(x))
         state.self_kv = new_cache
+        if hidden_only:
+            if self.cfg.node_heads:
+                raise ValueError("hidden_only: the node heads' per-node vectors need head_logits (cfg.node_heads)")
+            h = self.norm(x)
+            return h.expand(B, beam, -1) if nb == 1 else h
         children = trie.child_nodes(t, nodes.reshape(-1)) if self.cfg.node_heads else None
         logits = self.head_logits(t, self.norm(x).reshape(B * nb, -1), children).view(B, nb, -1)
         return logits.expand(B, beam, -1) if nb == 1 else logits

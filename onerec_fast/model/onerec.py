@@ -182,31 +182,47 @@ class OneRec(nn.Module):
     # -- generation --------------------------------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, batch, beam_size: int = 128, num_return: int | None = None, normalize: str | None = None,
-                 search_backend: str = "auto") -> GenerateOutput:
+                 search_backend: str = "auto", lm_head: str = "logits") -> GenerateOutput:
         """Top ``num_return`` (default ``beam_size``) catalogue items per user by trie-constrained beam
         search, best first. The encoder runs once per user; its cross-attention keys/values are shared by
         the user's beams; the decoder keeps a per-beam self-attention KV cache reordered by the search's
         parent indices. ``normalize`` defaults to how the model was trained: ``"valid"`` with
-        ``cfg.trie_loss``, else ``"full"``."""
+        ``cfg.trie_loss``, else ``"full"``. ``lm_head``: ``"logits"`` (the decoder writes ``[B, beam, V]``
+        logits and the search selects from them) or ``"fused"`` (the decoder hands its hidden states to the
+        fused constrained LM head, ``ops.lm_head``, which scores only each beam's valid children and the
+        normalizer; not with node heads). Both give the same items (tests/test_model.py); "logits" stays the
+        default until the fused path is timed on a GPU (docs/ARCHITECTURE.md)."""
         from onerec_fast.decoding.beam_search import constrained_beam_search
 
         normalize = normalize or ("valid" if self.cfg.trie_loss else "full")
         k = beam_size if num_return is None else num_return
         if not 1 <= k <= beam_size:
             raise ValueError(f"num_return must be in [1, beam_size={beam_size}], got {num_return}")
+        if lm_head not in ("logits", "fused"):
+            raise ValueError(f"lm_head must be 'logits' or 'fused', got {lm_head!r}")
+        if lm_head == "fused" and self.cfg.node_heads:
+            raise ValueError("lm_head='fused' scores codes with the level heads alone; this model has node heads "
+                             "(cfg.node_heads), whose per-node vectors only lm_head='logits' adds")
         enc = self.encode(batch)
         device = enc.states.device
         trie = self.trie(device)
         node_trie = self.decoder_trie(device)
         state = self.decoder.start(enc)
 
+        weights = [head.weight for head in self.decoder.heads]
+
         def step_fn(prefix: torch.Tensor, search_state) -> torch.Tensor:
             t = search_state.step
             token = prefix[:, :, t - 1] if t > 0 else None
-            return self.decoder.step(state, t, token, search_state.parents, beam_size, search_state.nodes,
-                                     node_trie).float()
+            out = self.decoder.step(state, t, token, search_state.parents, beam_size, search_state.nodes,
+                                    node_trie, hidden_only=lm_head == "fused")
+            return out.to(weights[t].dtype) if lm_head == "fused" else out.float()
 
-        res = constrained_beam_search(step_fn, trie, len(batch), beam_size, normalize, backend=search_backend)
+        if lm_head == "fused":
+            res = constrained_beam_search(None, trie, len(batch), beam_size, normalize, hidden_fn=step_fn,
+                                          lm_head_weight=weights, backend=search_backend)
+        else:
+            res = constrained_beam_search(step_fn, trie, len(batch), beam_size, normalize, backend=search_backend)
         return GenerateOutput(res.item_ids[:, :k], res.scores[:, :k], res.codes[:, :k])
 
     # -- accounting ----------------------------------------------------------------------------------------------

@@ -36,6 +36,11 @@ _SIZES = {
 }
 
 
+def demo_world_config(size: str) -> dict:
+    """The synthetic world's overrides of a demo size (``small``, ``cpu`` or ``gpu``)."""
+    return dict(_SIZES[size][0])
+
+
 def add_arguments(parser) -> None:
     parser.add_argument("--small", action="store_true", help="tiny sizes for CI (well under 2 minutes on CPU)")
     parser.add_argument("--size", choices=tuple(_SIZES), default=None,
