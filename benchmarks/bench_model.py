@@ -26,6 +26,10 @@ from pathlib import Path
 import torch
 
 
+# implementation label -> (module backend, LM head of generate)
+IMPLS = {"fused": ("auto", "logits"), "fused-head": ("auto", "fused"), "reference": ("reference", "logits")}
+
+
 def random_batch(cfg, batch: int, lifelong: int, num_items: int, item_codes: torch.Tensor, seed: int = 0):
     """A ``UserBatch`` of ``batch`` users with full pathways drawn at random (features per the config)."""
     from onerec_fast.data import JaggedItems, UserBatch
@@ -46,6 +50,39 @@ def random_batch(cfg, batch: int, lifelong: int, num_items: int, item_codes: tor
         user_feats={k: torch.randint(0, n, (batch,), generator=g) for k, n in cfg.static_features.items() if k != "uid"},
         short=items(cfg.short_len), positive=items(cfg.pos_len), lifelong=items(lifelong),
         target_item=target, target_codes=item_codes[target])
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """The model, catalogue and device flags shared with ``bench_serving.py``."""
+    p.add_argument("--preset", default="0.935b")
+    p.add_argument("--beam", type=int, default=128)
+    p.add_argument("--lifelong", type=int, default=2000, help="lifelong items per user (QFormer input)")
+    p.add_argument("--num-items", type=int, default=1_000_000, help="catalogue size (trie)")
+    p.add_argument("--codebook-size", type=int, default=8192)
+    p.add_argument("--device", default="cuda", help="cuda (the benchmark) or cpu (a smoke test with --preset tiny)")
+
+
+def bench_device(args, script: str) -> torch.device | None:
+    """``--device``, or None (after saying why) when it asks for CUDA on a machine without it."""
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print(f"{script} needs a CUDA GPU (or --device cpu for a smoke test)")
+        return None
+    return device
+
+
+def reference_weights(args, device: torch.device):
+    """(config, item codes ``[num_items, 3]``, a state dict every implementation loads, dense parameter count):
+    one random model, so all implementations run the same weights."""
+    from onerec_fast.model.onerec import OneRec
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    item_codes = torch.randint(0, args.codebook_size, (args.num_items, 3), generator=g)
+    cfg = bench_config(args, "reference")
+    with device:
+        ref = OneRec(cfg, item_codes)
+    return cfg, item_codes, {k: v.detach().clone() for k, v in ref.state_dict().items()}, ref.num_parameters()
 
 
 def bench_config(args, backend: str):
@@ -133,13 +170,9 @@ def bench_impl(label: str, backend: str, lm_head: str, args, state: dict, batch_
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--preset", default="0.935b")
+    add_model_arguments(p)
     p.add_argument("--batch", type=int, default=64, help="users per training step")
     p.add_argument("--gen-batch", type=int, default=64, help="users per generation batch")
-    p.add_argument("--beam", type=int, default=128)
-    p.add_argument("--lifelong", type=int, default=2000, help="lifelong items per user (QFormer input)")
-    p.add_argument("--num-items", type=int, default=1_000_000, help="catalogue size (trie)")
-    p.add_argument("--codebook-size", type=int, default=8192)
     p.add_argument("--steps", type=int, default=10, help="timed training steps")
     p.add_argument("--gen-reps", type=int, default=10, help="timed generation batches")
     p.add_argument("--warmup", type=int, default=3)
@@ -147,26 +180,15 @@ def main(argv=None) -> int:
                    help="comma list of fused, fused-head (fused, and generation through the fused constrained LM "
                         "head: OneRec.generate(lm_head='fused')), reference")
     p.add_argument("--out", default="bench_results/model")
-    p.add_argument("--device", default="cuda", help="cuda (the benchmark) or cpu (a smoke test with --preset tiny)")
     args = p.parse_args(argv)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("bench_model.py needs a CUDA GPU (or --device cpu for a smoke test)")
+    device = bench_device(args, "bench_model.py")
+    if device is None:
         return 1
 
     from onerec_fast.backends import describe
-    from onerec_fast.model.onerec import OneRec
     from onerec_fast.perf.mfu import peak_flops
 
-    torch.manual_seed(0)
-    g = torch.Generator().manual_seed(1)
-    item_codes = torch.randint(0, args.codebook_size, (args.num_items, 3), generator=g)
-    cfg = bench_config(args, "reference")
-    with device:
-        ref = OneRec(cfg, item_codes)
-    state = {k: v.detach().clone() for k, v in ref.state_dict().items()}
-    n_params = ref.num_parameters()
-    del ref
+    cfg, item_codes, state, n_params = reference_weights(args, device)
     batch = random_batch(cfg, args.batch, args.lifelong, args.num_items, item_codes, seed=2)
     gen_batch = random_batch(cfg, args.gen_batch, args.lifelong, args.num_items, item_codes, seed=3)
     peak = peak_flops(device, torch.bfloat16)
@@ -174,11 +196,10 @@ def main(argv=None) -> int:
     print(f"OneRec {args.preset}: {n_params / 1e6:.1f}M dense parameters; train batch {args.batch} users x {cfg.enc_len} tokens "
           f"(+{args.lifelong} lifelong items); generation {args.gen_batch} users x beam {args.beam} over "
           f"{args.num_items} items; peak {peak}")
-    labels = {"fused": ("auto", "logits"), "fused-head": ("auto", "fused"), "reference": ("reference", "logits")}
     rows = []
     for label in args.impls.split(","):
         t0 = time.perf_counter()
-        rows.append(bench_impl(label, *labels[label], args, state, batch, gen_batch, peak))
+        rows.append(bench_impl(label, *IMPLS[label], args, state, batch, gen_batch, peak))
         print(f"{label}: done in {time.perf_counter() - t0:.0f}s", flush=True)
     cols = [("train_step_ms", "train ms"), ("train_users_per_s", "train users/s"), ("train_mfu", "train MFU"),
             ("train_peak_mem_gb", "train GB"), ("gen_batch_ms", "gen ms/batch"), ("gen_users_per_s", "gen users/s"),

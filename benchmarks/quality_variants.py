@@ -36,6 +36,7 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="{}", help="JSON OneRecConfig overrides")
     p.add_argument("--train", default="{}", help="JSON TrainConfig overrides")
     p.add_argument("--tok", default="{}", help="JSON tokenizer arguments of prepare()")
+    p.add_argument("--item-vectors", default=None, help=".npy float [I, D]: tokenize these item vectors instead")
     p.add_argument("--no-uid", action="store_true", help="no user-id embedding in the static pathway")
     p.add_argument("--normalize", default=None, help="beam search normalization (default: the model's)")
     p.add_argument("--pos-len", type=int, default=50)
@@ -65,7 +66,8 @@ def main(argv=None) -> int:
                           "test": rank_metrics(top, target, (5, 10)), "s": time.time() - t0}), flush=True)
         return 0
     prep = prepare(a.data, seed=a.seed, short_len=20, positive_len=a.pos_len, lifelong_len=a.lifelong_len,
-                   splits=("train", "valid", "test"), verbose=False, **json.loads(a.tok))
+                   splits=("train", "valid", "test"), verbose=False, **json.loads(a.tok),
+                   item_vectors=None if a.item_vectors is None else torch.from_numpy(np.load(a.item_vectors)))
     ds, valid = prep.datasets["train"], prep.datasets["valid"]
     cfg = OneRecConfig.preset(a.preset, short_len=20, pos_len=a.pos_len, lifelong_len=a.lifelong_len,
                               **features_from_dataset(ds, prep.item_codes, use_user_id=not a.no_uid),

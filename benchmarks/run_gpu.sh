@@ -4,14 +4,14 @@
 #
 #   benchmarks/run_gpu.sh OUTDIR [STAGES]
 #
-# STAGES (default "build test sanitize bench model") picks a subset, e.g. "build bench";
+# STAGES (default "build test sanitize bench model serving") picks a subset, e.g. "build bench";
 # STEP_TIMEOUT (seconds, default 1800) bounds each step; PYTEST_ARGS are added to the test and bench runs;
 # JOBS (default 14) pytest-xdist workers for the tests when xdist is installed; SANITIZE_K the sanitizer's -k;
 # BENCH (default "benchmarks") names the benchmark files to run.
 # Needs: CUDA torch, triton, nvcc, ninja, pytest, pytest-benchmark (all on the H200 image).
 set -uo pipefail
 OUT=${1:?usage: benchmarks/run_gpu.sh OUTDIR [STAGES]}
-STAGES=${2:-build test sanitize bench model}
+STAGES=${2:-build test sanitize bench model serving}
 mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a} MAX_JOBS=${MAX_JOBS:-16} PYTHONUNBUFFERED=1
@@ -58,5 +58,8 @@ if stage bench; then
 fi
 if stage model; then
   step model "$OUT/model.log" $PY benchmarks/bench_model.py
+fi
+if stage serving; then
+  step serving "$OUT/serving.log" $PY benchmarks/bench_serving.py --out "$OUT/serving"
 fi
 exit $status

@@ -71,3 +71,26 @@ def test_harness_rows_table_and_files(tmp_path):
     data = json.load(open(j))
     assert data["environment"]["device"] == "cpu" and len(data["rows"]) == 3
     assert open(c).read().count("\n") == 4
+
+
+def test_serving_benchmark_smoke_on_cpu(tmp_path):
+    """benchmarks/bench_serving.py end to end on a tiny model: a row per implementation and request size, every
+    returned item real, latency quantiles ordered, users/s consistent with the mean latency."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bench_serving.py"
+    spec = importlib.util.spec_from_file_location("bench_serving", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rc = mod.main(["--device", "cpu", "--preset", "tiny", "--num-items", "3000", "--codebook-size", "32",
+                   "--lifelong", "32", "--batches", "1,3", "--requests", "3", "--warmup", "1", "--beam", "16",
+                   "--impls", "fused-head,reference", "--out", str(tmp_path)])
+    assert rc == 0
+    rows = json.loads((tmp_path / "bench_serving.json").read_text())["rows"]
+    assert [(r["impl"], r["users"]) for r in rows] == [("fused-head", 1), ("fused-head", 3), ("reference", 1),
+                                                      ("reference", 3)]
+    for r in rows:
+        assert r["legal"] == 1.0
+        assert 0 < r["p50_ms"] <= r["p99_ms"]
+        assert r["users_per_s"] == pytest.approx(r["users"] / (r["mean_ms"] / 1e3), rel=1e-6)

@@ -255,3 +255,21 @@ def test_cli_code_levels(tmp_path, capsys):
     assert "1 levels x 4 codes" in capsys.readouterr().out
     model = model_from_checkpoint(load_checkpoint(out / "checkpoint.pt"))
     assert model.item_codes.shape == (25, 2) and len(torch.unique(model.item_codes, dim=0)) == 25
+
+
+def test_prepare_tokenizes_given_item_vectors(tmp_path):
+    """``prepare(item_vectors=...)`` quantizes the caller's vectors (two far-apart groups get different first
+    codes) instead of the fused embeddings, and a wrong row count names the argument."""
+    from onerec_fast.train.pipeline import prepare
+
+    log = load_sequences(_sequence_file(tmp_path, users=60, items=40, seed=3))
+    n = log.num_items
+    vec = torch.randn(n, 16) * 0.01
+    vec[: n // 2, 0] += 10.0
+    vec[n // 2:, 0] -= 10.0
+    prep = prepare("unused", loaded=(log, None), item_vectors=vec, codebook_size=2, splits=("train",), verbose=False,
+                   lifelong_len=10_000)
+    first = prep.item_codes[:, 0]
+    assert (first[: n // 2] == first[0]).all() and (first[n // 2:] != first[0]).all()
+    with pytest.raises(ValueError, match="item_vectors must be"):
+        prepare("unused", loaded=(log, None), item_vectors=vec[:-1], verbose=False)

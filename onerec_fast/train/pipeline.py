@@ -69,10 +69,11 @@ def item_codes_for(log, emb: torch.Tensor, *, levels: int = 3, codebook_size: in
 def prepare(source: str, *, seed: int = 0, levels: int = 3, codebook_size: int | None = None,
             short_len: int = 20, positive_len: int = 256, lifelong_len: int = 2000, emb_dim: int = 64,
             normalize: bool = True, balanced: bool = True, synthetic: dict | None = None,
-            splits=("train", "test"), verbose: bool = True, loaded: tuple | None = None) -> Prepared:
+            splits=("train", "test"), verbose: bool = True, loaded: tuple | None = None,
+            item_vectors: torch.Tensor | None = None) -> Prepared:
     """Load ``source`` (or take ``loaded``, its ``(log, world)`` from ``load_source``), fuse item embeddings,
     fit the tokenizer (:func:`item_codes_for`) and build the leave-one-out datasets with the pathway lengths
-    given."""
+    given. ``item_vectors``: float ``[I, D]`` item vectors to tokenize instead of the fused embeddings."""
     from onerec_fast.data import BatchConfig
     from onerec_fast.data.sources import load_source
     from onerec_fast.tokenizer import fuse_item_embeddings
@@ -80,7 +81,12 @@ def prepare(source: str, *, seed: int = 0, levels: int = 3, codebook_size: int |
     log, world = loaded or load_source(source, seed=seed, synthetic_overrides=synthetic)
     if verbose:
         print(log.summary())
-    emb, _ = fuse_item_embeddings(log, dim=emb_dim, seed=seed)
+    if item_vectors is None:
+        emb, _ = fuse_item_embeddings(log, dim=emb_dim, seed=seed)
+    elif item_vectors.dim() != 2 or item_vectors.shape[0] != log.num_items:
+        raise ValueError(f"item_vectors must be [num_items={log.num_items}, D], got {tuple(item_vectors.shape)}")
+    else:
+        emb = item_vectors.float()
     tok = item_codes_for(log, emb, levels=levels, codebook_size=codebook_size, normalize=normalize,
                          balanced=balanced, seed=seed)
     k = tok.requested_sizes[0]
