@@ -156,16 +156,18 @@ def test_decoder_is_causal(world, device, node_heads):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("moe, node_heads, newest", [(True, False, False), (False, False, False),
-                                                      (False, True, False), (False, True, True)])
-def test_generate_matches_brute_force(world, moe, node_heads, newest, device):
+@pytest.mark.parametrize("moe, node_heads, newest, node_bias", [
+    (True, False, False, True), (False, False, False, True), (False, True, False, True), (False, True, True, True),
+    (False, True, True, False)])
+def test_generate_matches_brute_force(world, moe, node_heads, newest, node_bias, device):
     """With beam >= catalogue size the search is exhaustive: its top-K must equal ranking every item by
     the sum of its codes' log-probs under teacher forcing (full-vocabulary softmax; with node heads, the
-    trie-normalized softmax the model trains with; ``newest``: BOS adds the newest item's encoder state)."""
+    trie-normalized softmax the model trains with; ``newest``: BOS adds the newest item's encoder state;
+    ``node_bias``: the node heads' per-node biases)."""
     _, codes, ds, test = world
     over = {} if moe else {"dec_moe_experts": 0, "dec_moe_top_k": 0}
     if node_heads:
-        over.update(node_heads=True, trie_loss=True, bos_newest_item=newest)
+        over.update(node_heads=True, trie_loss=True, bos_newest_item=newest, node_bias=node_bias)
     model = _model(ds, codes, device, **over).eval()
     _randomize_node_heads(model, 2.0)
     codes = codes.to(device)

@@ -96,6 +96,9 @@ class OneRecConfig:
     # then means one thing per prefix instead of one thing under every parent. ``trie_nodes``: the node count
     # at depth 1..L (``features_from_dataset`` fills it); the parameters belong to that catalogue.
     node_heads: bool = False
+    # With node heads, a learned bias per trie node besides its vector. A bias scores a node alike for every
+    # user (its training frequency under its parent); without it a node's score depends on the user state.
+    node_bias: bool = True
     trie_nodes: tuple[int, ...] = ()
     # The decoder's first input (BOS) adds the encoder state of the user's newest item (the last short-term
     # slot), so the residual stream that predicts the first code starts from the item just consumed, as the

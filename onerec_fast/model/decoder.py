@@ -74,7 +74,8 @@ class OneRecDecoder(nn.Module):
             # Zero-initialised, so training starts from the code-only model; weight decay pulls the vectors
             # of rarely seen prefixes back to their code's shared one.
             self.node_out = nn.ModuleList(nn.Embedding(n, d) for n in cfg.trie_nodes)
-            self.node_bias = nn.ParameterList(nn.Parameter(torch.zeros(n)) for n in cfg.trie_nodes)
+            self.node_bias = nn.ParameterList(nn.Parameter(torch.zeros(n)) for n in cfg.trie_nodes) if cfg.node_bias \
+                else None
             self.node_in = nn.ModuleList(nn.Embedding(n, d) for n in cfg.trie_nodes[:-1])
             for emb in (*self.node_out, *self.node_in):
                 nn.init.zeros_(emb.weight)
@@ -83,7 +84,7 @@ class OneRecDecoder(nn.Module):
         """The per-trie-node parameters (empty without ``cfg.node_heads``): their size grows with the catalogue."""
         if not self.cfg.node_heads:
             return []
-        return [*(e.weight for e in self.node_out), *self.node_bias, *(e.weight for e in self.node_in)]
+        return [*(e.weight for e in self.node_out), *(self.node_bias or ()), *(e.weight for e in self.node_in)]
 
     def _need_trie(self, trie) -> None:
         if self.cfg.node_heads and trie is None:
@@ -112,7 +113,9 @@ class OneRecDecoder(nn.Module):
         ids, tokens = children
         ok = ids >= 0
         safe = ids.clamp_min(0)
-        s = torch.einsum("rd,rkd->rk", h, self.node_out[t](safe).to(h.dtype)).float() + self.node_bias[t][safe]
+        s = torch.einsum("rd,rkd->rk", h, self.node_out[t](safe).to(h.dtype)).float()
+        if self.node_bias is not None:
+            s = s + self.node_bias[t][safe]
         col = torch.where(ok, tokens, logits.shape[-1])  # padding lands in a spare column, dropped
         out = torch.cat([logits.float(), logits.new_zeros(logits.shape[0], 1, dtype=torch.float32)], dim=1)
         return out.scatter_add(1, col, torch.where(ok, s, 0.0))[:, :-1]

@@ -1,0 +1,90 @@
+"""Recall@10 by how often the target was seen in training, on the validation and test splits: does a model lose
+on rare targets? A trained OneRec (its own semantic IDs, trie-constrained beam search) and, with ``--sasrec``, the
+SASRec-style baseline trained here on the same split.
+
+    python benchmarks/diagnostics/by_target_popularity.py --checkpoint runs/x/best.pt --data ../shared/data/ml-100k
+    python benchmarks/diagnostics/by_target_popularity.py --checkpoint R/best.pt --data D --beam 2048 --sasrec
+
+Buckets: training count 0-5, 6-10, 11-20, 21-50, above 50 (``[recall, targets]`` per bucket). A beam at least as
+wide as the number of prefixes at every level keeps every prefix, so the search is exact: comparing it with the
+default beam separates what the search prunes from what the model ranks low.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+import torch
+
+EDGES = (0, 5, 10, 20, 50)
+
+
+def recall_by_count(counts: np.ndarray, top: torch.Tensor, target: torch.Tensor) -> dict:
+    """``{"<=5": [recall@k, targets], ..., ">50": [...], "all": recall@k}`` of ``top: [U, k]`` item ids against
+    ``target: [U]``, bucketed by ``counts[target]`` (training interactions per item)."""
+    c = counts[target.numpy()]
+    hit = (top == target[:, None]).any(1).numpy()
+    out = {}
+    for lo, hi in zip(EDGES, (*EDGES[1:], None)):
+        sel = (c > lo) & (c <= hi) if hi is not None else c > lo
+        out[f"<={hi}" if hi is not None else f">{lo}"] = [round(float(hit[sel].mean()), 4) if sel.any() else None,
+                                                         int(sel.sum())]
+    out["all"] = round(float(hit.mean()), 4)
+    return out
+
+
+def main(argv=None) -> int:
+    from onerec_fast.data import BatchConfig
+    from onerec_fast.data.sources import load_source
+    from onerec_fast.model.config import OneRecConfig
+    from onerec_fast.model.onerec import OneRec
+    from onerec_fast.train.baselines import SASRecConfig, sasrec_topk, train_rows, train_sasrec
+    from onerec_fast.train.checkpoint import load_checkpoint
+    from onerec_fast.train.evaluate import rank_metrics
+    from onerec_fast.train.pipeline import datasets_for
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--seed", type=int, default=0, help="the seed of the baseline (the split does not depend on it)")
+    p.add_argument("--beam", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=256, help="users per generate call")
+    p.add_argument("--sasrec", action="store_true", help="also train the SASRec-style baseline and bucket it")
+    a = p.parse_args(argv)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    ck = load_checkpoint(a.checkpoint)
+    cfg = OneRecConfig(**ck["model_config"])
+    model = OneRec(cfg)
+    model.load_state_dict(ck["model"])
+    model.eval().to(dev)
+    log, _ = load_source(a.data, seed=a.seed)
+    counts = np.bincount(log.item[train_rows(log)], minlength=log.num_items)
+    bc = BatchConfig(short_len=cfg.short_len, positive_len=cfg.pos_len, lifelong_len=cfg.lifelong_len)
+    # The model's own codes, so a checkpoint tokenized from other item vectors is read correctly.
+    datasets = datasets_for(log, model.item_codes.cpu(), None, bc, ("valid", "test"))
+    for split, ds in datasets.items():
+        tops, targets = [], []
+        for i in range(0, len(ds), a.batch_size):
+            batch = ds.batch(np.arange(i, min(i + a.batch_size, len(ds))))
+            with torch.no_grad(), torch.autocast(dev, dtype=torch.bfloat16, enabled=dev == "cuda"):
+                out = model.generate(batch.to(dev), beam_size=a.beam, num_return=10)
+            tops.append(out.item_ids.cpu())
+            targets.append(batch.target_item)
+        top, target = torch.cat(tops), torch.cat(targets)
+        m = rank_metrics(top, target, (10,))
+        print(f"OneRec {split} beam {a.beam}: Recall@10 {m['recall@10']:.4f} NDCG@10 {m['ndcg@10']:.4f} "
+              + json.dumps(recall_by_count(counts, top, target)), flush=True)
+    if a.sasrec:
+        sas = train_sasrec(log, SASRecConfig(seed=a.seed), device=dev, show_progress=False)
+        for split in ("valid", "test"):
+            top, target = sasrec_topk(sas, log, 10, device=dev, split=split)
+            m = rank_metrics(top, target, (10,))
+            print(f"SASRec-style {split}: Recall@10 {m['recall@10']:.4f} NDCG@10 {m['ndcg@10']:.4f} "
+                  + json.dumps(recall_by_count(counts, top, target)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
