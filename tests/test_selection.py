@@ -273,3 +273,20 @@ def test_prepare_tokenizes_given_item_vectors(tmp_path):
     assert (first[: n // 2] == first[0]).all() and (first[n // 2:] != first[0]).all()
     with pytest.raises(ValueError, match="item_vectors must be"):
         prepare("unused", loaded=(log, None), item_vectors=vec[:-1], verbose=False)
+
+
+def test_recall_by_target_popularity_buckets():
+    """benchmarks/diagnostics/by_target_popularity.py: hits land in the bucket of the target's training count."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "diagnostics" / "by_target_popularity.py"
+    spec = importlib.util.spec_from_file_location("by_target_popularity", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    counts = np.array([1, 7, 15, 30, 100])  # one item per bucket
+    target = torch.tensor([0, 1, 2, 3, 4, 4])
+    top = torch.tensor([[0, 9], [9, 9], [2, 9], [9, 9], [4, 9], [9, 9]])
+    out = mod.recall_by_count(counts, top, target)
+    assert out == {"<=5": [1.0, 1], "<=10": [0.0, 1], "<=20": [1.0, 1], "<=50": [0.0, 1], ">50": [0.5, 2],
+                   "all": 0.5}
