@@ -21,6 +21,17 @@ HAS_TRITON = importlib.util.find_spec("triton") is not None
 TRITON_DEVICES = (["cpu"] if HAS_TRITON and triton_interpret() else []) + (["cuda"] if HAS_TRITON and HAS_CUDA else [])
 
 
+def load_script(relpath: str):
+    """The module of a script under the repository root (``benchmarks/...``: scripts, not a package)."""
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / relpath
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def skip_unless_runs(backend: str, device: str | torch.device) -> None:
     """Skip the calling test unless ``backend``'s kernels run on ``device`` tensors in this session:
     "triton" on :data:`TRITON_DEVICES`, "cuda" on CUDA tensors with ``onerec_fast._C`` built;

@@ -7,6 +7,7 @@ import torch
 from onerec_fast.perf import attention_flops, mfu, moe_flops, peak_flops, swiglu_flops, time_fn
 from onerec_fast.perf.harness import Case, Unavailable, format_table, run_case, write_results
 from onerec_fast.perf.mfu import Peak
+from tests.helpers import load_script
 
 
 def test_flop_formulas_match_hand_counts():
@@ -76,13 +77,7 @@ def test_harness_rows_table_and_files(tmp_path):
 def test_serving_benchmark_smoke_on_cpu(tmp_path):
     """benchmarks/bench_serving.py end to end on a tiny model: a row per implementation and request size, every
     returned item real, latency quantiles ordered, users/s consistent with the mean latency."""
-    import importlib.util
-    import pathlib
-
-    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bench_serving.py"
-    spec = importlib.util.spec_from_file_location("bench_serving", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script("benchmarks/bench_serving.py")
     rc = mod.main(["--device", "cpu", "--preset", "tiny", "--num-items", "3000", "--codebook-size", "32",
                    "--lifelong", "32", "--batches", "1,3", "--requests", "3", "--warmup", "1", "--beam", "16",
                    "--impls", "fused-head,reference", "--out", str(tmp_path)])

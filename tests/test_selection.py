@@ -18,6 +18,7 @@ from onerec_fast.train.cli_common import model_from_checkpoint
 from onerec_fast.train.pretrain import NonFiniteTrainingError, TrainConfig, Trainer, plot_metrics
 from onerec_fast.train.recipe import SMALL_MAX_INTERACTIONS, choose_recipe, steps_for_epochs
 from onerec_fast.tokenizer import disambiguate
+from tests.helpers import load_script
 from tests.model_world import make_model, one_thread, world  # noqa: F401 (fixtures)
 
 
@@ -277,13 +278,7 @@ def test_prepare_tokenizes_given_item_vectors(tmp_path):
 
 def test_recall_by_target_popularity_buckets():
     """benchmarks/diagnostics/by_target_popularity.py: hits land in the bucket of the target's training count."""
-    import importlib.util
-    import pathlib
-
-    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "diagnostics" / "by_target_popularity.py"
-    spec = importlib.util.spec_from_file_location("by_target_popularity", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script("benchmarks/diagnostics/by_target_popularity.py")
     counts = np.array([1, 7, 15, 30, 100])  # one item per bucket
     target = torch.tensor([0, 1, 2, 3, 4, 4])
     top = torch.tensor([[0, 9], [9, 9], [2, 9], [9, 9], [4, 9], [9, 9]])

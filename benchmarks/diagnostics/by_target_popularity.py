@@ -38,11 +38,10 @@ def recall_by_count(counts: np.ndarray, top: torch.Tensor, target: torch.Tensor)
 def main(argv=None) -> int:
     from onerec_fast.data import BatchConfig
     from onerec_fast.data.sources import load_source
-    from onerec_fast.model.config import OneRecConfig
-    from onerec_fast.model.onerec import OneRec
-    from onerec_fast.train.baselines import SASRecConfig, sasrec_topk, train_rows, train_sasrec
+    from onerec_fast.train.baselines import SASRecConfig, sasrec_topk, train_counts, train_sasrec
     from onerec_fast.train.checkpoint import load_checkpoint
-    from onerec_fast.train.evaluate import rank_metrics
+    from onerec_fast.train.cli_common import model_from_checkpoint
+    from onerec_fast.train.evaluate import onerec_topk, rank_metrics
     from onerec_fast.train.pipeline import datasets_for
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -54,25 +53,15 @@ def main(argv=None) -> int:
     p.add_argument("--sasrec", action="store_true", help="also train the SASRec-style baseline and bucket it")
     a = p.parse_args(argv)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    ck = load_checkpoint(a.checkpoint)
-    cfg = OneRecConfig(**ck["model_config"])
-    model = OneRec(cfg)
-    model.load_state_dict(ck["model"])
-    model.eval().to(dev)
+    model = model_from_checkpoint(load_checkpoint(a.checkpoint))
+    cfg = model.cfg
     log, _ = load_source(a.data, seed=a.seed)
-    counts = np.bincount(log.item[train_rows(log)], minlength=log.num_items)
+    counts = train_counts(log)
     bc = BatchConfig(short_len=cfg.short_len, positive_len=cfg.pos_len, lifelong_len=cfg.lifelong_len)
     # The model's own codes, so a checkpoint tokenized from other item vectors is read correctly.
     datasets = datasets_for(log, model.item_codes.cpu(), None, bc, ("valid", "test"))
     for split, ds in datasets.items():
-        tops, targets = [], []
-        for i in range(0, len(ds), a.batch_size):
-            batch = ds.batch(np.arange(i, min(i + a.batch_size, len(ds))))
-            with torch.no_grad(), torch.autocast(dev, dtype=torch.bfloat16, enabled=dev == "cuda"):
-                out = model.generate(batch.to(dev), beam_size=a.beam, num_return=10)
-            tops.append(out.item_ids.cpu())
-            targets.append(batch.target_item)
-        top, target = torch.cat(tops), torch.cat(targets)
+        top, target, _, _ = onerec_topk(model, ds, 10, a.beam, a.batch_size, dev, show_progress=False)
         m = rank_metrics(top, target, (10,))
         print(f"OneRec {split} beam {a.beam}: Recall@10 {m['recall@10']:.4f} NDCG@10 {m['ndcg@10']:.4f} "
               + json.dumps(recall_by_count(counts, top, target)), flush=True)

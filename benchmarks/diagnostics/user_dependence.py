@@ -14,30 +14,29 @@ import torch
 
 
 def main(argv=None) -> int:
-    from onerec_fast.data import collate_user_batch
-    from onerec_fast.model.config import OneRecConfig
-    from onerec_fast.model.onerec import OneRec
+    from onerec_fast.data import BatchConfig, collate_user_batch
+    from onerec_fast.data.sources import load_source
     from onerec_fast.train.checkpoint import load_checkpoint
+    from onerec_fast.train.cli_common import model_from_checkpoint
     from onerec_fast.train.cli_demo import demo_world_config
-    from onerec_fast.train.pipeline import prepare
+    from onerec_fast.train.pipeline import datasets_for
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--data", required=True)
     p.add_argument("--demo-size", default=None, choices=("small", "cpu", "gpu"),
                    help="with --data synthetic: the world of `onerec-fast demo` at that size")
-    p.add_argument("--seed", type=int, default=0, help="the training run's seed (the split and tokenizer)")
+    p.add_argument("--seed", type=int, default=0, help="the training run's seed (the synthetic world's)")
     p.add_argument("--users", type=int, default=64)
     a = p.parse_args(argv)
-    ck = load_checkpoint(a.checkpoint)
-    cfg = OneRecConfig(**ck["model_config"])
-    extra = {"synthetic": demo_world_config(a.demo_size)} if a.demo_size else {}
-    prep = prepare(a.data, seed=a.seed, short_len=cfg.short_len, positive_len=cfg.pos_len,
-                   lifelong_len=cfg.lifelong_len, splits=("test",), verbose=False, **extra)
-    model = OneRec(cfg)
-    model.load_state_dict(ck["model"])
+    model = model_from_checkpoint(load_checkpoint(a.checkpoint))
+    cfg = model.cfg
+    log, _ = load_source(a.data, seed=a.seed,
+                         synthetic_overrides=demo_world_config(a.demo_size) if a.demo_size else None)
+    bc = BatchConfig(short_len=cfg.short_len, positive_len=cfg.pos_len, lifelong_len=cfg.lifelong_len)
+    # the model's own codes: no second tokenizer run, and right for any item vectors it was tokenized from
+    test = datasets_for(log, model.item_codes.cpu(), None, bc, ("test",))["test"]
     model.eval()
-    test = prep.datasets["test"]
     batch = collate_user_batch([test[i] for i in range(min(a.users, len(test)))])
     with torch.no_grad():
         states = model.encode(batch).states.float()

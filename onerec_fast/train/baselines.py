@@ -24,7 +24,7 @@ from torch import nn
 
 from onerec_fast.train.progress import ProgressBar
 
-__all__ = ["train_rows", "popularity_topk", "SASRec", "SASRecConfig", "train_sasrec", "sasrec_topk"]
+__all__ = ["train_rows", "train_counts", "popularity_topk", "SASRec", "SASRecConfig", "train_sasrec", "sasrec_topk"]
 
 
 def train_rows(log) -> np.ndarray:
@@ -38,9 +38,14 @@ def train_rows(log) -> np.ndarray:
     return keep
 
 
+def train_counts(log) -> np.ndarray:
+    """int64 ``[I]``: training interactions per item (:func:`train_rows`)."""
+    return np.bincount(log.item[train_rows(log)], minlength=log.num_items)
+
+
 def popularity_topk(log, k: int) -> torch.Tensor:
     """int64 ``[k]``: the ``k`` items with most training interactions (ties: lower item id)."""
-    counts = np.bincount(log.item[train_rows(log)], minlength=log.num_items)
+    counts = train_counts(log)
     order = np.lexsort((np.arange(log.num_items), -counts))
     return torch.from_numpy(order[:k].astype(np.int64))
 

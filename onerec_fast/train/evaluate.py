@@ -25,7 +25,7 @@ import torch
 
 from onerec_fast.train.progress import ProgressBar
 
-__all__ = ["rank_metrics", "evaluate_onerec", "evaluate_all", "sasrec_metrics", "baseline_cache_dir", "format_table"]
+__all__ = ["rank_metrics", "onerec_topk", "evaluate_onerec", "evaluate_all", "sasrec_metrics", "baseline_cache_dir", "format_table"]
 
 
 def rank_metrics(topk: torch.Tensor, target: torch.Tensor, ks: tuple[int, ...] = (5, 10)) -> dict[str, float]:
@@ -46,17 +46,16 @@ def rank_metrics(topk: torch.Tensor, target: torch.Tensor, ks: tuple[int, ...] =
 
 
 @torch.no_grad()
-def evaluate_onerec(model, dataset, ks: tuple[int, ...] = (5, 10), beam_size: int = 128, batch_size: int = 64,
-                    device="cpu", show_progress: bool = True, indices=None, normalize: str | None = None
-                    ) -> dict[str, float]:
-    """Metrics of ``model`` on a ``UserSequenceDataset`` (``split="test"`` or ``"valid"``; ``indices``: only
-    those samples) by constrained beam search (``normalize``: as ``OneRec.generate``); also ``legality`` and
-    ``users_per_s``."""
+def onerec_topk(model, dataset, k: int = 10, beam_size: int = 128, batch_size: int = 64, device="cpu",
+                show_progress: bool = True, indices=None, normalize: str | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """Top-``k`` items of ``model`` for the samples of a ``UserSequenceDataset`` (``indices``: only those) by
+    constrained beam search (``normalize``: as ``OneRec.generate``): (items int64 ``[U, k]`` (-1: empty slot),
+    targets ``[U]``, bool ``[U * k]`` whether each slot holds a real item's codes, seconds of generation)."""
     device = torch.device(device)
     model.eval().to(device)
     idx = np.arange(len(dataset)) if indices is None else np.asarray(indices, dtype=np.int64)
     chunks = [idx[i:i + batch_size] for i in range(0, len(idx), batch_size)]
-    k = max(ks)
     tops, targets, legal = [], [], []
     trie = model.trie(device)
     bar = ProgressBar(len(chunks), "generate") if show_progress else None
@@ -76,10 +75,19 @@ def evaluate_onerec(model, dataset, ks: tuple[int, ...] = (5, 10), beam_size: in
             bar.update(1)
     if bar is not None:
         bar.close()
-    seconds = time.perf_counter() - t0
-    res = rank_metrics(torch.cat(tops), torch.cat(targets), ks)
-    res["legality"] = torch.cat(legal).float().mean().item()
-    res["users_per_s"] = len(idx) / seconds
+    return torch.cat(tops), torch.cat(targets), torch.cat(legal), time.perf_counter() - t0
+
+
+def evaluate_onerec(model, dataset, ks: tuple[int, ...] = (5, 10), beam_size: int = 128, batch_size: int = 64,
+                    device="cpu", show_progress: bool = True, indices=None, normalize: str | None = None
+                    ) -> dict[str, float]:
+    """Metrics of ``model`` on a ``UserSequenceDataset`` (``split="test"`` or ``"valid"``; ``indices``: only
+    those samples) by constrained beam search (:func:`onerec_topk`); also ``legality`` and ``users_per_s``."""
+    top, target, legal, seconds = onerec_topk(model, dataset, max(ks), beam_size, batch_size, device, show_progress,
+                                              indices, normalize)
+    res = rank_metrics(top, target, ks)
+    res["legality"] = legal.float().mean().item()
+    res["users_per_s"] = target.numel() / seconds
     return res
 
 

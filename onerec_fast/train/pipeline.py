@@ -56,12 +56,12 @@ def item_codes_for(log, emb: torch.Tensor, *, levels: int = 3, codebook_size: in
     the origin: on Amazon Sports (18k items, 64 codes) the raw vectors left 51% of the items in collision
     groups, the largest of 741 items; normalized rows 15%, largest 74. ``balanced``: equal-size clusters
     at every level (OneRec's balanced k-means)."""
-    from onerec_fast.train.baselines import train_rows
+    from onerec_fast.train.baselines import train_counts
     from onerec_fast.tokenizer import RQKMeans
 
     x = emb / emb.norm(dim=1, keepdim=True).clamp_min(1e-12) if normalize else emb
     k = codebook_size or default_codebook_size(log.num_items, levels)
-    popularity = np.bincount(log.item[train_rows(log)], minlength=log.num_items)
+    popularity = train_counts(log)
     return RQKMeans(levels=levels, codebook_size=k, seed=seed, balanced=balanced, verbose=False).fit(
         x, rank=torch.from_numpy(-popularity))
 
