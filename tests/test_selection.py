@@ -258,6 +258,26 @@ def test_cli_code_levels(tmp_path, capsys):
     assert model.item_codes.shape == (25, 2) and len(torch.unique(model.item_codes, dim=0)) == 25
 
 
+def test_cli_neighbour_mean_follows_the_recipe(tmp_path, capsys):
+    """The ``small`` recipe tokenizes neighbour means; ``--no-neighbour-mean`` the items' own vectors, and the
+    codes are those of ``prepare`` with the same choice."""
+    from onerec_fast.cli import main
+    from onerec_fast.train.pipeline import prepare
+
+    data = _sequence_file(tmp_path, users=30, items=25)
+    codes = {}
+    for flag, on in (([], True), (["--no-neighbour-mean"], False)):
+        out = tmp_path / f"run{on}"
+        assert main(["train", "--data", str(data), "--out", str(out), "--steps", "1", "--batch-size", "8",
+                     "--eval-every", "0", "--warmup", "1", "--ckpt-every", "0", *flag]) == 0
+        assert ("co-occurring items" in capsys.readouterr().out) == on
+        codes[on] = model_from_checkpoint(load_checkpoint(out / "checkpoint.pt")).item_codes
+        want = prepare(str(data), neighbour_mean=on, short_len=20, positive_len=50, lifelong_len=1000,
+                       splits=(), verbose=False).item_codes
+        assert torch.equal(codes[on], want)
+    assert not torch.equal(codes[True], codes[False])
+
+
 def test_prepare_tokenizes_given_item_vectors(tmp_path):
     """``prepare(item_vectors=...)`` quantizes the caller's vectors (two far-apart groups get different first
     codes) instead of the fused embeddings, and a wrong row count names the argument."""
@@ -285,3 +305,41 @@ def test_recall_by_target_popularity_buckets():
     out = mod.recall_by_count(counts, top, target)
     assert out == {"<=5": [1.0, 1], "<=10": [0.0, 1], "<=20": [1.0, 1], "<=50": [0.0, 1], ">50": [0.5, 2],
                    "all": 0.5}
+
+
+def test_level_ranks_match_the_training_loss(world):
+    """by_target_popularity.level_ranks: the per-level log-probabilities average to minus the trie-normalized
+    training loss of the same users, and ranks lie among each prefix's children."""
+    mod = load_script("benchmarks/diagnostics/by_target_popularity.py")
+    log, _, _, _ = world
+    i = torch.arange(log.num_items)
+    codes = torch.stack([i // 16, i // 2 % 8, i % 2 * 3], 1)
+    ds = UserSequenceDataset(log, codes, "test", config=BatchConfig(short_len=5, positive_len=8, lifelong_len=64))
+    model = make_model(ds, codes, trie_loss=True).eval()
+    counts = np.arange(log.num_items) % 60  # every bucket holds some targets
+    out = mod.level_ranks(model, ds, counts, "cpu", batch_size=7)
+    assert sum(v[2] for k, v in out.items() if k != "all") == out["all"][2] == len(ds)
+    with torch.no_grad():
+        loss = model(ds.batch(np.arange(len(ds)))).item()
+    assert -np.mean(out["all"][0]) == pytest.approx(loss, abs=0.01)
+    assert all(0 <= r < 16 for v in out.values() for r in v[1])
+
+
+def test_prefix_eta2():
+    """benchmarks/diagnostics/code_predictability.py: eta^2 is 1 when the prefix fixes y, 0 when it says nothing."""
+    mod = load_script("benchmarks/diagnostics/code_predictability.py")
+    codes = np.array([[0, 0], [0, 1], [1, 0], [1, 1]])
+    assert mod.prefix_eta2(codes, np.array([1.0, 1.0, 3.0, 3.0]), 1) == pytest.approx(1.0)
+    assert mod.prefix_eta2(codes, np.array([1.0, 3.0, 1.0, 3.0]), 1) == pytest.approx(0.0)
+    assert mod.prefix_eta2(codes, np.array([1.0, 3.0, 1.0, 3.0]), 2) == pytest.approx(1.0)
+    assert mod.prefix_eta2(codes, np.array([0.0, 2.0, 4.0, 4.0]), 1) == pytest.approx(1 - 2 / 11)
+
+
+def test_bigram_cross_entropy():
+    """code_predictability.py: -log p(group of dst | group of src) from smoothed training pair counts."""
+    mod = load_script("benchmarks/diagnostics/code_predictability.py")
+    group = np.array([0, 0, 1])  # items 0 and 1 share a prefix, item 2 has its own
+    ce = mod.bigram_cross_entropy(group, np.array([0, 1, 2]), np.array([2, 2, 0]), np.array([1, 2]),
+                                  np.array([2, 2]), smoothing=0.5)
+    # row 0: 0.5 + 0 to group 0, 0.5 + 2 to group 1; row 1: 0.5 + 1 to group 0, 0.5 to group 1
+    np.testing.assert_allclose(ce, [-np.log(2.5 / 3), -np.log(0.5 / 2)])

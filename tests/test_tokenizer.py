@@ -16,6 +16,7 @@ from onerec_fast.tokenizer import (
     disambiguate,
     faiss_available,
     fuse_item_embeddings,
+    mean_over_neighbours,
     kmeans,
     resolve_kmeans_backend,
 )
@@ -237,6 +238,29 @@ def test_collaborative_vectors_separate_communities():
     within = (s[:10, :10].mean() + s[10:, 10:].mean()) / 2
     across = s[:10, 10:].mean()
     assert within > across + 0.5
+
+
+def test_mean_over_neighbours_exact():
+    # user 0: 0 1 2 | held out 3 4; user 1: 2 0 2 | held out 4 4. Window 1: 0-1 once, 1-2 once, 0-2 twice.
+    log = InteractionLog(user=np.array([0] * 5 + [1] * 5), item=np.array([0, 1, 2, 3, 4, 2, 0, 2, 4, 4]),
+                         timestamp=np.arange(10), num_users=2, num_items=6).sort_()
+    x = torch.tensor([[2.0, 0.0], [0.0, 3.0], [1.0, 1.0], [5.0, 0.0], [0.0, 1.0], [0.0, -4.0]])
+    unit = x / x.norm(dim=1, keepdim=True)
+    got = mean_over_neighbours(log, x, window=1, holdout=2)
+    want = torch.stack([(unit[1] + 2 * unit[2]) / 3,  # item 0: once next to 1, twice next to 2
+                        (unit[0] + unit[2]) / 2, (unit[1] + 2 * unit[0]) / 3,
+                        unit[3], unit[4], unit[5]])  # 3, 4 only in held-out positions, 5 never seen: own vector
+    torch.testing.assert_close(got, want)
+    assert got.dtype == x.dtype
+    with pytest.raises(ValueError, match="num_items=6"):
+        mean_over_neighbours(log, x[:5])
+
+
+def test_fusion_neighbour_mean_keeps_communities():
+    emb, info = fuse_item_embeddings(two_community_log(), dim=8, text="hashed-tfidf", neighbour_mean=True)
+    assert info["neighbour_mean"] and emb.shape == (20, 8) and torch.isfinite(emb).all()
+    s = _cos(emb.numpy())
+    assert (s[:10, :10].mean() + s[10:, 10:].mean()) / 2 > s[:10, 10:].mean() + 0.5
 
 
 def test_text_fallback_and_fusion():

@@ -4,10 +4,13 @@ SASRec-style baseline trained here on the same split.
 
     python benchmarks/diagnostics/by_target_popularity.py --checkpoint runs/x/best.pt --data ../shared/data/ml-100k
     python benchmarks/diagnostics/by_target_popularity.py --checkpoint R/best.pt --data D --beam 2048 --sasrec
+    python benchmarks/diagnostics/by_target_popularity.py --checkpoint R/best.pt --data D --levels
 
-Buckets: training count 0-5, 6-10, 11-20, 21-50, above 50 (``[recall, targets]`` per bucket). A beam at least as
-wide as the number of prefixes at every level keeps every prefix, so the search is exact: comparing it with the
-default beam separates what the search prunes from what the model ranks low.
+Buckets: training count 0-5 (before 2026-12-07: 1-5), 6-10, 11-20, 21-50, above 50 (``[recall, targets]`` per
+bucket). A beam at least as wide as the number of prefixes at every level keeps every prefix, so the search is
+exact: comparing it with the default beam separates what the search prunes from what the model ranks low.
+``--levels``: per bucket and code level, the teacher-forced log-probability of the target's code and its median
+rank among the valid children of its prefix: at which level a model loses the rare targets.
 """
 
 from __future__ import annotations
@@ -18,21 +21,43 @@ import json
 import numpy as np
 import torch
 
-EDGES = (0, 5, 10, 20, 50)
+EDGES = (-1, 5, 10, 20, 50)  # bucket (lo, hi]; the first holds count 0 (items seen only in held-out positions)
 
 
 def recall_by_count(counts: np.ndarray, top: torch.Tensor, target: torch.Tensor) -> dict:
     """``{"<=5": [recall@k, targets], ..., ">50": [...], "all": recall@k}`` of ``top: [U, k]`` item ids against
     ``target: [U]``, bucketed by ``counts[target]`` (training interactions per item)."""
-    c = counts[target.numpy()]
     hit = (top == target[:, None]).any(1).numpy()
-    out = {}
-    for lo, hi in zip(EDGES, (*EDGES[1:], None)):
-        sel = (c > lo) & (c <= hi) if hi is not None else c > lo
-        out[f"<={hi}" if hi is not None else f">{lo}"] = [round(float(hit[sel].mean()), 4) if sel.any() else None,
-                                                         int(sel.sum())]
+    out = {name: [round(float(hit[sel].mean()), 4) if sel.any() else None, int(sel.sum())]
+           for name, sel in bucket_masks(counts[target.numpy()]).items()}
     out["all"] = round(float(hit.mean()), 4)
     return out
+
+
+def bucket_masks(c: np.ndarray) -> dict[str, np.ndarray]:
+    """bool ``[U]`` per bucket of training counts ``c: [U]`` (the names of :func:`recall_by_count`)."""
+    return {f"<={hi}" if hi is not None else f">{lo}": (c > lo) & (c <= hi) if hi is not None else c > lo
+            for lo, hi in zip(EDGES, (*EDGES[1:], None))}
+
+
+@torch.no_grad()
+def level_ranks(model, dataset, counts: np.ndarray, device, batch_size: int = 256) -> dict:
+    """Per bucket of the target's training count: ``[mean log-prob per level, median rank per level, users]`` of
+    the target's code among the valid children of its prefix (teacher forcing, the trie-normalized softmax)."""
+    model.eval().to(device)
+    logp, rank, target = [], [], []
+    for i in range(0, len(dataset), batch_size):
+        b = dataset.batch(np.arange(i, min(i + batch_size, len(dataset)))).to(device)
+        lp = [lg.float().masked_fill(~m, float("-inf")).log_softmax(-1)
+              for lg, m in zip(model.code_logits(b), model.prefix_masks(b.target_codes))]
+        true = torch.stack([x.gather(1, b.target_codes[:, t:t + 1])[:, 0] for t, x in enumerate(lp)], 1)
+        logp.append(true.cpu())
+        rank.append(torch.stack([(x > true[:, t:t + 1]).sum(1) for t, x in enumerate(lp)], 1).float().cpu())
+        target.append(b.target_item.cpu())
+    logp, rank, c = torch.cat(logp), torch.cat(rank), counts[torch.cat(target).numpy()]
+    return {name: [[round(v, 2) for v in logp[sel].mean(0).tolist()], rank[sel].median(0).values.int().tolist(),
+                   int(sel.sum())]
+            for name, sel in (*bucket_masks(c).items(), ("all", np.ones(len(c), bool))) if sel.any()}
 
 
 def main(argv=None) -> int:
@@ -51,6 +76,7 @@ def main(argv=None) -> int:
     p.add_argument("--beam", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=256, help="users per generate call")
     p.add_argument("--sasrec", action="store_true", help="also train the SASRec-style baseline and bucket it")
+    p.add_argument("--levels", action="store_true", help="also the per-level log-probability and rank by bucket")
     a = p.parse_args(argv)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     model = model_from_checkpoint(load_checkpoint(a.checkpoint))
@@ -65,6 +91,9 @@ def main(argv=None) -> int:
         m = rank_metrics(top, target, (10,))
         print(f"OneRec {split} beam {a.beam}: Recall@10 {m['recall@10']:.4f} NDCG@10 {m['ndcg@10']:.4f} "
               + json.dumps(recall_by_count(counts, top, target)), flush=True)
+        if a.levels:
+            print(f"OneRec {split} per level [mean log-prob, median rank, users]: "
+                  + json.dumps(level_ranks(model, ds, counts, dev)), flush=True)
     if a.sasrec:
         sas = train_sasrec(log, SASRecConfig(seed=a.seed), device=dev, show_progress=False)
         for split in ("valid", "test"):

@@ -32,6 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--collisions", default="extra_level", choices=("extra_level", "none"),
                         help="collision policy (default: an extra disambiguation level)")
     parser.add_argument("--dim", type=positive_int, default=64, help="fused item-embedding width")
+    parser.add_argument("--neighbour-mean", action="store_true",
+                        help="tokenize each item by the mean of its co-occurring items' fused vectors")
     parser.add_argument("--content-weight", type=number(float, min=0.0, max=1.0), default=0.5, help="content share of the fused embedding")
     parser.add_argument("--text", default="auto", choices=("auto", "minilm", "hashed-tfidf"),
                         help="title encoder (auto: MiniLM when the optional package is installed)")
@@ -59,11 +61,12 @@ def run(args: argparse.Namespace) -> int:
     print(log.summary())
     t0 = time.perf_counter()
     emb, info = fuse_item_embeddings(log, dim=args.dim, content_weight=args.content_weight, text=args.text,
-                                     seed=args.seed)
+                                     seed=args.seed, neighbour_mean=args.neighbour_mean)
     t_fuse = time.perf_counter() - t0
     print(f"item embeddings [{log.num_items}, {args.dim}]: content {info['content_blocks']} "
           f"({info['content_dim']} dims) + collaborative PPMI-SVD ({info['collab_dim']} dims), weight "
-          f"{info['content_weight']:.2f}, PCA keeps {info['explained_variance']:.1%} of the variance")
+          f"{info['content_weight']:.2f}, PCA keeps {info['explained_variance']:.1%} of the variance"
+          f"{', then the mean over co-occurring items' if args.neighbour_mean else ''}")
     if args.codebook_size == "auto":
         sizes: int | list[int] = auto_codebook_size(log.num_items, args.levels)
     else:

@@ -3,6 +3,7 @@ device, and rebuilding a model and its datasets from a checkpoint."""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 
 import torch
@@ -22,6 +23,9 @@ def add_data_arguments(parser) -> None:
                         help="codes per RQ-KMeans level (default: from the catalogue size, <= 8192)")
     parser.add_argument("--code-levels", type=positive_int, default=None,
                         help="RQ-KMeans levels of the semantic IDs, before the collision level (default: the recipe's)")
+    parser.add_argument("--neighbour-mean", action=argparse.BooleanOptionalAction, default=None,
+                        help="tokenize each item by the mean of the items it co-occurs with rather than its own fused "
+                             "vector (default: the recipe's; onerec_fast.tokenizer.mean_over_neighbours)")
     parser.add_argument("--synthetic", action="append", default=[], metavar="FIELD=VALUE",
                         help="synthetic world setting, repeatable (e.g. --synthetic num_users=200); see SyntheticConfig")
     add_device_arguments(parser)

@@ -66,7 +66,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt (or .dcp)")
 
 
-_RECIPE_ARGS = ("preset", "code_levels", "batch_size", "lr", "warmup", "weight_decay", "patience", "eval_users")
+_RECIPE_ARGS = ("preset", "code_levels", "neighbour_mean", "batch_size", "lr", "warmup", "weight_decay", "patience",
+                "eval_users")
 
 
 def apply_recipe(args, num_interactions: int):
@@ -171,8 +172,10 @@ def _run(args) -> int:
     print(f"recipe {recipe.name}: preset {args.preset}, dropout {preset.dropout if args.dropout is None else args.dropout}"
           f", lr {args.lr}, batch {args.batch_size}, weight decay {args.weight_decay}, positive/lifelong lengths "
           f"{args.pos_len or preset.pos_len}/{args.lifelong_len or preset.lifelong_len}"
-          f"{'' if recipe.user_id else ', no user-id embedding'}")
+          f"{'' if recipe.user_id else ', no user-id embedding'}"
+          f"{', semantic IDs from the mean vectors of co-occurring items' if args.neighbour_mean else ''}")
     prepared = prepare(args.data, seed=args.seed, levels=args.code_levels, codebook_size=args.codebook_size,
+                       neighbour_mean=args.neighbour_mean,
                        short_len=preset.short_len, positive_len=args.pos_len or preset.pos_len,
                        lifelong_len=args.lifelong_len or preset.lifelong_len, synthetic=synthetic,
                        splits=("train", "valid"), loaded=loaded)

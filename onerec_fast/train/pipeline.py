@@ -70,10 +70,11 @@ def prepare(source: str, *, seed: int = 0, levels: int = 3, codebook_size: int |
             short_len: int = 20, positive_len: int = 256, lifelong_len: int = 2000, emb_dim: int = 64,
             normalize: bool = True, balanced: bool = True, synthetic: dict | None = None,
             splits=("train", "test"), verbose: bool = True, loaded: tuple | None = None,
-            item_vectors: torch.Tensor | None = None) -> Prepared:
+            item_vectors: torch.Tensor | None = None, neighbour_mean: bool = False) -> Prepared:
     """Load ``source`` (or take ``loaded``, its ``(log, world)`` from ``load_source``), fuse item embeddings,
     fit the tokenizer (:func:`item_codes_for`) and build the leave-one-out datasets with the pathway lengths
-    given. ``item_vectors``: float ``[I, D]`` item vectors to tokenize instead of the fused embeddings."""
+    given. ``item_vectors``: float ``[I, D]`` item vectors to tokenize instead of the fused embeddings;
+    ``neighbour_mean``: tokenize the fused embeddings' mean over co-occurring items (``fuse_item_embeddings``)."""
     from onerec_fast.data import BatchConfig
     from onerec_fast.data.sources import load_source
     from onerec_fast.tokenizer import fuse_item_embeddings
@@ -82,7 +83,7 @@ def prepare(source: str, *, seed: int = 0, levels: int = 3, codebook_size: int |
     if verbose:
         print(log.summary())
     if item_vectors is None:
-        emb, _ = fuse_item_embeddings(log, dim=emb_dim, seed=seed)
+        emb, _ = fuse_item_embeddings(log, dim=emb_dim, seed=seed, neighbour_mean=neighbour_mean)
     elif item_vectors.dim() != 2 or item_vectors.shape[0] != log.num_items:
         raise ValueError(f"item_vectors must be [num_items={log.num_items}, D], got {tuple(item_vectors.shape)}")
     else:
