@@ -258,15 +258,15 @@ def test_cli_code_levels(tmp_path, capsys):
     assert model.item_codes.shape == (25, 2) and len(torch.unique(model.item_codes, dim=0)) == 25
 
 
-def test_cli_neighbour_mean_follows_the_recipe(tmp_path, capsys):
-    """The ``small`` recipe tokenizes neighbour means; ``--no-neighbour-mean`` the items' own vectors, and the
-    codes are those of ``prepare`` with the same choice."""
+def test_cli_neighbour_mean(tmp_path, capsys):
+    """``train`` tokenizes the items' own fused vectors by default and their neighbour means with
+    ``--neighbour-mean``; the codes are those of ``prepare`` with the same choice."""
     from onerec_fast.cli import main
     from onerec_fast.train.pipeline import prepare
 
     data = _sequence_file(tmp_path, users=30, items=25)
     codes = {}
-    for flag, on in (([], True), (["--no-neighbour-mean"], False)):
+    for flag, on in (([], False), (["--neighbour-mean"], True)):
         out = tmp_path / f"run{on}"
         assert main(["train", "--data", str(data), "--out", str(out), "--steps", "1", "--batch-size", "8",
                      "--eval-every", "0", "--warmup", "1", "--ckpt-every", "0", *flag]) == 0

@@ -16,13 +16,14 @@ the dataset itself:
   targets) are left out so the tokenizer never sees them.
 * **Fusion** (:func:`fuse_item_embeddings`): each part scaled to unit mean squared row norm, weighted by
   ``sqrt(content_weight)`` and ``sqrt(1 - content_weight)``, concatenated, centered, and reduced by PCA to ``dim``.
-* **Neighbour mean** (:func:`mean_over_neighbours`, optional; on in the ``small`` training recipe): each fused
+* **Neighbour mean** (:func:`mean_over_neighbours`, optional, ``--neighbour-mean``): each fused
   vector replaced by the mean of the unit vectors of the items it co-occurs with (same window and holdout). A
   rarely seen item's own PPMI-SVD vector rests on a handful of co-occurrences; the mean puts it where the items it
   is consumed with sit. The next item's codes then follow more from the last item's (cross-entropy of the test
   target's first code given the newest item's, ``benchmarks/diagnostics/code_predictability.py``: Amazon Sports
-  3.73 -> 3.63 nats, ML-100K 2.85 -> 2.66), and ML-100K test Recall@10 rose by 15-20% (two seeds); Sports is
-  level (docs/ARCHITECTURE.md, "Semantic IDs from co-occurring items").
+  3.73 -> 3.63 nats, ML-100K 2.85 -> 2.66). Quality is level on Sports and mixed on ML-100K (ahead after one
+  epoch, behind through the CLI's 20 minutes), so it is off by default (docs/ARCHITECTURE.md, "Semantic IDs from
+  co-occurring items").
 """
 
 from __future__ import annotations

@@ -66,8 +66,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt (or .dcp)")
 
 
-_RECIPE_ARGS = ("preset", "code_levels", "neighbour_mean", "batch_size", "lr", "warmup", "weight_decay", "patience",
-                "eval_users")
+_RECIPE_ARGS = ("preset", "code_levels", "batch_size", "lr", "warmup", "weight_decay", "patience", "eval_users")
 
 
 def apply_recipe(args, num_interactions: int):

@@ -8,9 +8,7 @@ without per-file flags.
 * ``small`` (up to ``SMALL_MAX_INTERACTIONS``: MovieLens-100K/1M, the Amazon 5-core sets, Yelp, Steam): the
   ``small`` preset (narrow, shallow, dropout, pathways cut to what such histories use, trie-normalized code
   softmax, per-trie-node output vectors; these sets have 10^5-10^6 interactions, where the TR's 0.015b preset without dropout overfits after
-  about three epochs), no user-id embedding, model selection on the validation split with early stopping, and
-  semantic IDs from each item's mean over co-occurring items (``neighbour_mean``: most items of such sets are seen
-  a few times, and their own vectors are noise).
+  about three epochs), no user-id embedding, and model selection on the validation split with early stopping.
 * ``tr``: the OneRec TR's setting (a named preset, its pathway lengths, no dropout) for large logs.
 
 The measurements behind the choices are in ``docs/ARCHITECTURE.md`` (section "Recommendation quality").
@@ -36,7 +34,6 @@ class Recipe:
     name: str
     preset: str
     code_levels: int = 3  # RQ-KMeans levels of the semantic IDs (the collision level comes on top)
-    neighbour_mean: bool = False  # tokenize items by the mean of their co-occurring items' vectors
     lr: float = 1e-3
     batch_size: int = 256
     epochs: float = 1.0
@@ -51,8 +48,7 @@ class Recipe:
 
 RECIPES: dict[str, Recipe] = {
     "small": Recipe(name="small", preset="small", lr=2e-3, batch_size=256, epochs=40, warmup=200, weight_decay=0.05,
-                    eval_per_epoch=1.0, patience=5, eval_users=10_000, eval_beam=32, user_id=False,
-                    neighbour_mean=True),
+                    eval_per_epoch=1.0, patience=5, eval_users=10_000, eval_beam=32, user_id=False),
     "tr": Recipe(name="tr", preset="0.015b", lr=1e-3, batch_size=256, epochs=3, warmup=200, weight_decay=0.01,
                  eval_per_epoch=1.0, patience=3, eval_users=10_000, eval_beam=32),
 }
