@@ -48,7 +48,7 @@ def bigram_cross_entropy(group: np.ndarray, train_src: np.ndarray, train_dst: np
 def main(argv=None) -> int:
     from onerec_fast.data.sources import load_source
     from onerec_fast.tokenizer import fuse_item_embeddings
-    from onerec_fast.train.baselines import train_counts
+    from onerec_fast.train.baselines import train_counts, train_rows
     from onerec_fast.train.pipeline import item_codes_for
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -57,15 +57,14 @@ def main(argv=None) -> int:
     p.add_argument("--levels", type=int, default=3)
     a = p.parse_args(argv)
     log, _ = load_source(a.data, seed=a.seed)
+    log.sort_()
     counts = train_counts(log)
     y = np.log1p(counts.astype(np.float64))
-    log.sort_()
-    off = log.user_offsets()
-    lens = np.diff(off)
-    train = (np.arange(len(log)) - np.repeat(off[:-1], lens)) < np.repeat(lens - 2, lens)
+    train = train_rows(log)
     pair = (log.user[1:] == log.user[:-1]) & train[1:]  # consecutive items, both in the training part
     train_src, train_dst = log.item[:-1][pair], log.item[1:][pair]
-    src, dst = log.item[off[1:] - 2], log.item[off[1:] - 1]  # newest item and target of every test user
+    end = log.user_offsets()[1:][np.diff(log.user_offsets()) >= 3]  # users with a test target
+    src, dst = log.item[end - 2], log.item[end - 1]  # each test user's newest item and target
     rare = counts[dst] <= 5
     shuffle = np.random.default_rng(a.seed).permutation(len(y))
     for neighbour_mean in (False, True):

@@ -194,7 +194,8 @@ def mean_over_neighbours(log: InteractionLog, x: torch.Tensor, window: int = 5, 
     n_items = log.num_items
     if x.dim() != 2 or x.shape[0] != n_items:
         raise ValueError(f"x must be [num_items={n_items}, D], got {tuple(x.shape)}")
-    unit = x.double() / x.double().norm(dim=1, keepdim=True).clamp_min(1e-12)
+    x64 = x.double()
+    unit = x64 / x64.norm(dim=1, keepdim=True).clamp_min(1e-12)
     keys = _cooccurrence_keys(log, window, holdout)
     i, j = torch.from_numpy(keys // n_items), torch.from_numpy(keys % n_items)
     deg = torch.bincount(i, minlength=n_items).double()

@@ -80,8 +80,8 @@ def run(args) -> int:
     loaded = load_source("synthetic", seed=args.seed, synthetic_overrides=world_cfg)
     print(loaded[0].summary())
     targs = argparse.Namespace(data="synthetic", recipe="auto", seed=args.seed, preset=None, code_levels=None,
-                               neighbour_mean=False, pos_len=None, lifelong_len=None, dropout=None, attn_dropout=None,
-                               steps=steps, batch_size=batch, lr=None, warmup=None,
+                               pos_len=None, lifelong_len=None, dropout=None, attn_dropout=None, steps=steps,
+                               batch_size=batch, lr=None, warmup=None,
                                weight_decay=None, grad_clip=1.0, eval_every=None, patience=None, eval_users=None,
                                ckpt_every=0, log_every=max(1, steps // 50),
                                num_workers=0 if device.type == "cpu" else 4, backend="auto",
@@ -89,8 +89,7 @@ def run(args) -> int:
     recipe = apply_recipe(targs, len(loaded[0]))
     preset = OneRecConfig.preset(targs.preset)
     banner(2, "item embeddings (content + collaborative) and RQ-KMeans semantic IDs")
-    prepared = prepare("synthetic", seed=args.seed, levels=targs.code_levels, neighbour_mean=targs.neighbour_mean,
-                       short_len=preset.short_len,
+    prepared = prepare("synthetic", seed=args.seed, levels=targs.code_levels, short_len=preset.short_len,
                        positive_len=preset.pos_len, lifelong_len=preset.lifelong_len, synthetic=world_cfg,
                        splits=("train", "valid", "test"),
                        loaded=loaded, verbose=False)
