@@ -4,7 +4,7 @@
 import pytest
 import torch
 
-from onerec_fast.perf.harness import run_case
+from onerec_fast.perf.harness import environment, run_case, write_results
 from onerec_fast.perf.mfu import peak_flops
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -21,6 +21,9 @@ def bench_case(request, benchmark):
         inputs = case.setup()  # built once: timed by the harness, then by pytest-benchmark
         rows = run_case(case, DEVICE, peak, inputs=inputs)
         config.onerec_bench_rows.extend(rows)
+        # Saved after every case (the summary rewrites them at the end): a run killed by a time limit keeps
+        # the finished cases; a killed session-end summary once lost a whole 330 s suite on the H100.
+        write_results(config.onerec_bench_rows, environment(DEVICE, peak), config.getoption("--bench-dir"))
         ok = [r for r in rows if r.status == "ok"]
         assert ok, f"no implementation of {case.suite}/{case.name} ran: {[r.status for r in rows]}"
         best = min(ok, key=lambda r: r.median_ms)

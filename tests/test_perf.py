@@ -74,6 +74,29 @@ def test_harness_rows_table_and_files(tmp_path):
     assert open(c).read().count("\n") == 4
 
 
+def test_bench_cli_saves_each_case_before_the_run_ends(tmp_path, monkeypatch, capsys):
+    """`onerec-fast bench` writes bench.json/csv after every case: a run stopped in its second case (here by an
+    error in its set-up; on a device machine by the time limit) keeps the first case's rows."""
+    import argparse
+    import types
+
+    from onerec_fast.perf import cli_bench, harness
+
+    def broken_setup():
+        raise RuntimeError("stopped in the second case")
+
+    second = Case("toy", "second", 1.0, broken_setup, {"reference": lambda x: (lambda: None)})
+    monkeypatch.setattr(harness, "load_suite", lambda name: types.SimpleNamespace(
+        cases=lambda device, quick: [_toy_case(), second]))
+    monkeypatch.setattr(harness, "peak_flops", lambda device, dtype, measured=None: Peak(1e12, "test peak"))
+    args = argparse.Namespace(device="cpu", suite=["moe"], full=False, peak=None, out=str(tmp_path))
+    with pytest.raises(RuntimeError, match="second case"):
+        cli_bench.run(args)
+    data = json.load(open(tmp_path / "bench.json"))
+    assert {r["case"] for r in data["rows"]} == {_toy_case().name} and len(data["rows"]) == 3
+    assert "matmul 64" in capsys.readouterr().out  # the finished case's rows were printed as it ended
+
+
 def test_serving_benchmark_smoke_on_cpu(tmp_path):
     """benchmarks/bench_serving.py end to end on a tiny model: a row per implementation and request size, every
     returned item real, latency quantiles ordered, users/s consistent with the mean latency."""

@@ -31,7 +31,15 @@ def run(args) -> int:
 
     print("backends:\n" + describe())
     measured = None if args.peak is None else args.peak == "measured"
-    rows, peak = run_suites(args.suite, device, quick=device.type == "cpu" and not args.full, measured_peak=measured)
+
+    def save(case_rows, rows, peak):
+        # Each case's rows as soon as it ends, and the files rewritten: a run cut short by a time limit (the
+        # device machines allow 10 minutes a command) keeps every finished case.
+        print(format_table(case_rows, peak).split("\n", 3)[-1], flush=True)
+        write_results(rows, environment(device, peak), args.out)
+
+    rows, peak = run_suites(args.suite, device, quick=device.type == "cpu" and not args.full, measured_peak=measured,
+                            on_case=save)
     env = environment(device, peak)
     print(" ".join(f"{k}={v}" for k, v in env.items()))
     print(format_table(rows, peak))

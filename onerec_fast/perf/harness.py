@@ -160,12 +160,16 @@ def write_results(rows: list[Row], env: dict, folder: str, stem: str = "bench") 
 
 
 def run_suites(names: list[str] | None, device: torch.device, *, quick: bool, measured_peak: bool | None = None,
-               dtype: torch.dtype = torch.bfloat16, log=print) -> tuple[list[Row], Peak]:
-    """Run suites end to end (used by ``onerec-fast bench``)."""
+               dtype: torch.dtype = torch.bfloat16, log=print, on_case=None) -> tuple[list[Row], Peak]:
+    """Run suites end to end (used by ``onerec-fast bench``). ``on_case(case_rows, rows_so_far, peak)`` runs
+    after every case, so a caller can show and save the rows before a long suite ends (or is killed)."""
     peak = peak_flops(device, dtype, measured=measured_peak)
     rows: list[Row] = []
     for name in names or SUITES:
         for case in load_suite(name).cases(device, quick):
             log(f"  {name}: {case.name}")
-            rows.extend(run_case(case, device, peak))
+            case_rows = run_case(case, device, peak)
+            rows.extend(case_rows)
+            if on_case is not None:
+                on_case(case_rows, rows, peak)
     return rows, peak
