@@ -190,8 +190,8 @@ class OneRec(nn.Module):
         ``cfg.trie_loss``, else ``"full"``. ``lm_head``: ``"logits"`` (the decoder writes ``[B, beam, V]``
         logits and the search selects from them) or ``"fused"`` (the decoder hands its hidden states to the
         fused constrained LM head, ``ops.lm_head``, which scores only each beam's valid children and the
-        normalizer; not with node heads). Both give the same items (tests/test_model.py); "logits" stays the
-        default until the fused path is timed on a GPU (docs/ARCHITECTURE.md)."""
+        normalizer; not with node heads). Both give the same items (tests/test_model.py); "logits" is the
+        default: on an H100 the fused head is 31-35% slower at 64 and 256 users (docs/ARCHITECTURE.md)."""
         from onerec_fast.decoding.beam_search import constrained_beam_search
 
         normalize = normalize or ("valid" if self.cfg.trie_loss else "full")
