@@ -26,8 +26,11 @@ from pathlib import Path
 import torch
 
 
-# implementation label -> (module backend, LM head of generate)
-IMPLS = {"fused": ("auto", "logits"), "fused-head": ("auto", "fused"), "reference": ("reference", "logits")}
+# implementation label -> (module backend, generate's options)
+IMPLS = {"fused": ("auto", {"lm_head": "logits"}),
+         "fused-head": ("auto", {"lm_head": "fused"}),
+         "fused-graph": ("auto", {"lm_head": "logits", "cuda_graph": True}),
+         "reference": ("reference", {"lm_head": "logits"})}
 
 
 def random_batch(cfg, batch: int, lifelong: int, num_items: int, item_codes: torch.Tensor, seed: int = 0):
@@ -111,7 +114,8 @@ def _reset_mem(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-def bench_impl(label: str, backend: str, lm_head: str, args, state: dict, batch_cpu, gen_batch_cpu, peak) -> dict:
+def bench_impl(label: str, backend: str, gen_options: dict, args, state: dict, batch_cpu, gen_batch_cpu,
+               peak) -> dict:
     from onerec_fast.model.onerec import OneRec
     from onerec_fast.perf.mfu import mfu
 
@@ -121,7 +125,7 @@ def bench_impl(label: str, backend: str, lm_head: str, args, state: dict, batch_
         model = OneRec(cfg)
     model.load_state_dict(state)  # same weights for every implementation
     search_backend = "reference" if backend == "reference" else "auto"
-    row = {"impl": label, "backend": backend, "lm_head": lm_head}
+    row = {"impl": label, "backend": backend, **gen_options}
 
     # -- training step
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
@@ -154,7 +158,7 @@ def bench_impl(label: str, backend: str, lm_head: str, args, state: dict, batch_
     def generate():
         with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             return model.generate(gb, beam_size=args.beam, num_return=10, search_backend=search_backend,
-                                  lm_head=lm_head)
+                                  **gen_options)
 
     _reset_mem(device)
     ms = _timed(generate, device, args.warmup, args.gen_reps)
@@ -178,7 +182,8 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--impls", default="fused,reference",
                    help="comma list of fused, fused-head (fused, and generation through the fused constrained LM "
-                        "head: OneRec.generate(lm_head='fused')), reference")
+                        "head: OneRec.generate(lm_head='fused')), fused-graph (fused, and the decode replayed as a "
+                        "CUDA graph: OneRec.generate(cuda_graph=True)), reference")
     p.add_argument("--out", default="bench_results/model")
     args = p.parse_args(argv)
     device = bench_device(args, "bench_model.py")

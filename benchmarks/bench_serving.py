@@ -6,13 +6,14 @@ the device synchronized before each request; no request overlaps another). Every
 (fresh random pathways), and every implementation serves the same requests with the same weights.
 
     python benchmarks/bench_serving.py                                  # 0.935b, beam 128, 1M items
-    python benchmarks/bench_serving.py --batches 1,8,64,256 --requests 50 --impls fused,fused-head,reference
+    python benchmarks/bench_serving.py --batches 1,8,64,256 --requests 50 --impls fused,fused-graph,fused-head,reference
     python benchmarks/bench_serving.py --device cpu --preset tiny --num-items 5000 --codebook-size 64 \\
         --lifelong 64 --batches 1,8 --requests 4 --warmup 1                # a smoke test
 
 Implementations (as in ``bench_model.py``): ``fused`` (fused modules, logits LM head), ``fused-head`` (fused
-modules and the fused constrained LM head: no ``[users, beam, V]`` logits), ``reference`` (plain PyTorch
-modules and search). Prints one row per implementation and request size: p50 / p99 / mean latency (ms) and
+modules and the fused constrained LM head: no ``[users, beam, V]`` logits), ``fused-graph`` (fused modules, the
+decode of every level replayed as one CUDA graph captured per request size: ``generate(cuda_graph=True)``; the
+encoder runs eagerly), ``reference`` (plain PyTorch modules and search). Prints one row per implementation and request size: p50 / p99 / mean latency (ms) and
 users/s (users served over the summed latencies); writes them to ``--out``/bench_serving.json.
 """
 
@@ -34,7 +35,7 @@ from bench_model import (IMPLS, add_model_arguments, bench_config, bench_device,
                          reference_weights)
 
 
-def serve(model, requests: list, device: torch.device, beam: int, search_backend: str, lm_head: str,
+def serve(model, requests: list, device: torch.device, beam: int, search_backend: str, gen_options: dict,
           warmup: int) -> tuple[list[float], float]:
     """Latencies (ms) of ``requests`` (host ``UserBatch``es) served one after another, after ``warmup``
     untimed ones; also the share of returned items that are real."""
@@ -42,7 +43,7 @@ def serve(model, requests: list, device: torch.device, beam: int, search_backend
         batch = batch_cpu.to(device, non_blocking=False)
         with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             out = model.generate(batch, beam_size=beam, num_return=10, search_backend=search_backend,
-                                 lm_head=lm_head)
+                                 **gen_options)
         return out.item_ids.cpu()  # the D2H copy synchronizes: the request is done when the ids are on the host
 
     for i in range(warmup):
@@ -64,14 +65,15 @@ def main(argv=None) -> int:
     p.add_argument("--batches", default="1,8,64,256", help="users per request, comma separated")
     p.add_argument("--requests", type=int, default=50, help="timed requests per request size")
     p.add_argument("--warmup", type=int, default=5, help="untimed requests first (per size: compiles, tunes)")
-    p.add_argument("--impls", default="fused,fused-head,reference", help=f"comma separated, of {sorted(IMPLS)}")
+    p.add_argument("--impls", default=None, help=f"comma separated, of {sorted(IMPLS)} (default: all; on a CPU all "
+                                                 "but fused-graph, which needs CUDA)")
     p.add_argument("--out", default="bench_results/serving")
     args = p.parse_args(argv)
     device = bench_device(args, "bench_serving.py")
     if device is None:
         return 1
     sizes = [int(b) for b in args.batches.split(",")]
-    impls = args.impls.split(",")
+    impls = args.impls.split(",") if args.impls else [i for i in IMPLS if device.type == "cuda" or i != "fused-graph"]
     unknown = [i for i in impls if i not in IMPLS]
     if unknown or min(sizes) < 1 or args.requests < 1:
         p.error(f"--impls must name {sorted(IMPLS)} (got {unknown}); --batches and --requests must be >= 1")
@@ -87,7 +89,7 @@ def main(argv=None) -> int:
           f"after {args.warmup} warm-up; device {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}")
     rows = []
     for label in impls:
-        backend, lm_head = IMPLS[label]
+        backend, gen_options = IMPLS[label]
         with device:
             model = OneRec(bench_config(args, backend))
         model.load_state_dict(state)
@@ -95,7 +97,7 @@ def main(argv=None) -> int:
         model.trie(device)  # built once at start-up, as a server would
         search_backend = "reference" if backend == "reference" else "auto"
         for b in sizes:
-            lat, legal = serve(model, requests[b], device, args.beam, search_backend, lm_head, args.warmup)
+            lat, legal = serve(model, requests[b], device, args.beam, search_backend, gen_options, args.warmup)
             t = Timing(tuple(lat))
             rows.append({"impl": label, "users": b, "p50_ms": t.median_ms, "p99_ms": t.quantile_ms(0.99),
                          "mean_ms": statistics.mean(lat), "users_per_s": b * len(lat) / (sum(lat) / 1e3),

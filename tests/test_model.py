@@ -226,6 +226,49 @@ def test_generate_fused_lm_head_matches_logits(world, device, moe, normalize):
         nh.generate(b, beam_size=4, lm_head="fused")
 
 
+def test_generate_cuda_graph_needs_cuda(world):
+    """``cuda_graph=True`` on a CPU model is a clear error, not a silent eager run."""
+    _, codes, ds, test = world
+    model = _model(ds, codes, "cpu").eval()
+    with pytest.raises(ValueError, match="cuda_graph=True needs the model and batch on a CUDA device"):
+        model.generate(batch_of(test, range(2)), beam_size=4, cuda_graph=True)
+
+
+@requires_cuda
+@pytest.mark.parametrize("node_heads, lm_head", [(True, "logits"), (False, "logits"), (False, "fused")])
+def test_generate_cuda_graph_matches_eager(world, node_heads, lm_head):
+    """The captured decode returns the eager decode's items, codes and scores: on the capture call, on a replay
+    with other users of the same batch size (one graph serves both), for a second batch size (a second graph),
+    under bf16 autocast (a graph of its own), and after new weights are loaded in place (the replay reads them);
+    a new catalogue drops the graphs."""
+    _, codes, ds, test = world
+    over = {"node_heads": True, "trie_loss": True, "bos_newest_item": True} if node_heads else {}
+    model = _model(ds, codes, "cuda", **over).eval()
+
+    def check(users, **kw):
+        b = batch_of(test, users).to("cuda")
+        ref = model.generate(b, beam_size=16, num_return=10, lm_head=lm_head, **kw)
+        out = model.generate(b, beam_size=16, num_return=10, lm_head=lm_head, cuda_graph=True, **kw)
+        assert torch.equal(out.item_ids, ref.item_ids) and torch.equal(out.codes, ref.codes)
+        torch.testing.assert_close(out.scores, ref.scores, rtol=1e-5, atol=1e-5)
+
+    check(range(6))
+    check(range(6, 12))
+    assert len(model._decode_graphs) == 1
+    check(range(3))
+    assert len(model._decode_graphs) == 2
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        check(range(6))
+    assert len(model._decode_graphs) == 3
+    with torch.no_grad():
+        for p in model.decoder.parameters():
+            p.mul_(1.5)
+    check(range(6))
+    assert len(model._decode_graphs) == 3
+    model.set_items(codes)
+    assert len(model._decode_graphs) == 0
+
+
 def test_generate_fewer_items_than_beam(world):
     _, codes, ds, test = world
     model = make_model(ds, codes).eval()

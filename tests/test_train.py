@@ -11,7 +11,7 @@ import torch
 from onerec_fast.train.baselines import SASRecConfig, popularity_topk, sasrec_topk, train_rows, train_sasrec
 from onerec_fast.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from onerec_fast.train.evaluate import evaluate_all, evaluate_onerec, format_table, rank_metrics
-from onerec_fast.train.pretrain import EpochBatchSampler, TrainConfig, Trainer, lr_at
+from onerec_fast.train.pretrain import EpochBatchSampler, TrainConfig, Trainer, lr_at, param_groups
 from onerec_fast.train.progress import ProgressBar
 from tests.model_world import batch_of, make_model, one_thread, world  # noqa: F401 (fixtures)
 
@@ -27,6 +27,32 @@ def test_lr_schedule():
     assert all(a >= b for a, b in zip(lrs, lrs[1:]))
     with pytest.raises(ValueError, match="steps"):
         TrainConfig(steps=0)
+
+
+def test_param_groups_and_the_embedding_tables_decay():
+    """Matrices decay, 1-D parameters never; ``embedding_weight_decay`` moves the nn.Embedding tables into a group
+    of their own (without it: two groups, the layout saved checkpoints hold); one AdamW step on zero gradients
+    then shrinks exactly the groups that decay."""
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
+    emb, lin, norm = m[0].weight, m[1].weight, m[2].weight
+    ids = lambda g: {id(p) for p in g["params"]}  # noqa: E731
+    two = param_groups(m, 0.05)
+    assert [g["weight_decay"] for g in two] == [0.05, 0.0]
+    assert ids(two[0]) == {id(emb), id(lin)} and ids(two[1]) == {id(m[1].bias), id(norm), id(m[2].bias)}
+    three = param_groups(m, 0.05, 0.0)
+    assert [g["weight_decay"] for g in three] == [0.05, 0.0, 0.0] and ids(three[0]) == {id(lin)}
+    assert ids(three[2]) == {id(emb)}
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    opt = torch.optim.AdamW(three, lr=0.1)
+    for p in m.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    after = dict(m.named_parameters())
+    assert torch.allclose(after["1.weight"], before["1.weight"] * (1 - 0.1 * 0.05))
+    assert torch.equal(after["0.weight"], before["0.weight"]) and torch.equal(after["2.weight"], before["2.weight"])
+    with pytest.raises(ValueError, match="embedding_weight_decay must be >= 0"):
+        TrainConfig(embedding_weight_decay=-0.1)
 
 
 def test_time_budget_anneals_the_schedule_before_it_stops(world, monkeypatch):

@@ -15,6 +15,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from onerec_fast.model.capture import CapturedDecode, DecodeGraphs
 from onerec_fast.model.config import OneRecConfig
 from onerec_fast.model.decoder import OneRecDecoder
 from onerec_fast.model.encoder import EncoderOutput, OneRecEncoder, seq_lengths
@@ -64,6 +65,7 @@ class OneRec(nn.Module):
         self.decoder = OneRecDecoder(cfg)
         self._init_weights()
         self._tries: dict[torch.device, object] = {}
+        self._decode_graphs = DecodeGraphs()  # generate(cuda_graph=True); cleared with the tries
         self.register_buffer("item_codes", torch.zeros(0, cfg.code_levels, dtype=torch.int64), persistent=True)
         if item_codes is not None:
             self.set_items(item_codes)
@@ -98,6 +100,7 @@ class OneRec(nn.Module):
             raise ValueError(f"item_codes must lie in [0, codebook_size) per level {self.cfg.vocab_sizes}")
         self.item_codes = codes.to(self.item_codes.device, torch.int64)
         self._tries.clear()
+        self._decode_graphs.clear()
 
     def trie(self, device: torch.device | None = None):
         """The ``SemanticIDTrie`` of the catalogue on ``device`` (built once per device)."""
@@ -126,6 +129,7 @@ class OneRec(nn.Module):
             self.item_codes = torch.empty_like(state_dict[key], device=self.item_codes.device)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._tries.clear()
+        self._decode_graphs.clear()
 
     # -- batches ---------------------------------------------------------------------------------------------
     def check_batch(self, batch) -> None:
@@ -182,7 +186,7 @@ class OneRec(nn.Module):
     # -- generation --------------------------------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, batch, beam_size: int = 128, num_return: int | None = None, normalize: str | None = None,
-                 search_backend: str = "auto", lm_head: str = "logits") -> GenerateOutput:
+                 search_backend: str = "auto", lm_head: str = "logits", cuda_graph: bool = False) -> GenerateOutput:
         """Top ``num_return`` (default ``beam_size``) catalogue items per user by trie-constrained beam
         search, best first. The encoder runs once per user; its cross-attention keys/values are shared by
         the user's beams; the decoder keeps a per-beam self-attention KV cache reordered by the search's
@@ -191,19 +195,38 @@ class OneRec(nn.Module):
         logits and the search selects from them) or ``"fused"`` (the decoder hands its hidden states to the
         fused constrained LM head, ``ops.lm_head``, which scores only each beam's valid children and the
         normalizer; not with node heads). Both give the same items (tests/test_model.py); "logits" is the
-        default: on an H100 the fused head is 31-35% slower at 64 and 256 users (docs/ARCHITECTURE.md)."""
-        from onerec_fast.decoding.beam_search import constrained_beam_search
+        default: on an H100 the fused head is 31-35% slower at 64 and 256 users (docs/ARCHITECTURE.md).
 
-        normalize = normalize or ("valid" if self.cfg.trie_loss else "full")
+        ``cuda_graph`` (CUDA only): the decode, every level of it, runs as one CUDA graph, captured on the
+        first call of each (batch size, beam, settings) and replayed after (:meth:`decode`); the encoder
+        runs eagerly (its jagged pathways change shape with every batch). A replay skips the warning for rows
+        left without a finite candidate (reading the device would sync): those rows get dead slots only."""
         k = beam_size if num_return is None else num_return
         if not 1 <= k <= beam_size:
             raise ValueError(f"num_return must be in [1, beam_size={beam_size}], got {num_return}")
+        enc = self.encode(batch)
+        if not cuda_graph:
+            res = self.decode(enc, beam_size, normalize, search_backend, lm_head)
+        elif not enc.states.is_cuda:
+            raise ValueError(f"cuda_graph=True needs the model and batch on a CUDA device, got {enc.states.device}")
+        else:
+            res = self._captured_decode(enc, beam_size, normalize, search_backend, lm_head)
+        return GenerateOutput(res.item_ids[:, :k], res.scores[:, :k], res.codes[:, :k])
+
+    @torch.no_grad()
+    def decode(self, enc: EncoderOutput, beam_size: int = 128, normalize: str | None = None,
+               search_backend: str = "auto", lm_head: str = "logits"):
+        """Trie-constrained beam search from encoder states (:meth:`generate` after the encoder; arguments as
+        there): ``BeamSearchResult`` ``(codes [B, beam, L], scores [B, beam], item_ids [B, beam])``. No host sync
+        once the trie of the device is built, so it can be captured in a CUDA graph."""
+        from onerec_fast.decoding.beam_search import constrained_beam_search
+
+        normalize = normalize or ("valid" if self.cfg.trie_loss else "full")
         if lm_head not in ("logits", "fused"):
             raise ValueError(f"lm_head must be 'logits' or 'fused', got {lm_head!r}")
         if lm_head == "fused" and self.cfg.node_heads:
             raise ValueError("lm_head='fused' scores codes with the level heads alone; this model has node heads "
                              "(cfg.node_heads), whose per-node vectors only lm_head='logits' adds")
-        enc = self.encode(batch)
         device = enc.states.device
         trie = self.trie(device)
         node_trie = self.decoder_trie(device)
@@ -219,11 +242,22 @@ class OneRec(nn.Module):
             return out.to(weights[t].dtype) if lm_head == "fused" else out.float()
 
         if lm_head == "fused":
-            res = constrained_beam_search(None, trie, len(batch), beam_size, normalize, hidden_fn=step_fn,
-                                          lm_head_weight=weights, backend=search_backend)
-        else:
-            res = constrained_beam_search(step_fn, trie, len(batch), beam_size, normalize, backend=search_backend)
-        return GenerateOutput(res.item_ids[:, :k], res.scores[:, :k], res.codes[:, :k])
+            return constrained_beam_search(None, trie, enc.states.shape[0], beam_size, normalize, hidden_fn=step_fn,
+                                           lm_head_weight=weights, backend=search_backend)
+        return constrained_beam_search(step_fn, trie, enc.states.shape[0], beam_size, normalize,
+                                       backend=search_backend)
+
+    def _captured_decode(self, enc: EncoderOutput, beam_size: int, normalize: str | None, search_backend: str,
+                         lm_head: str):
+        """:meth:`decode` through a :class:`CapturedDecode` of this shape and these settings (captured once; the
+        key holds every parameter's address, so moving the model captures anew)."""
+        key = (tuple(enc.states.shape), enc.states.dtype, enc.states.device, beam_size, normalize, search_backend,
+               lm_head, torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"),
+               tuple(p.data_ptr() for p in self.parameters()))
+        if key not in self._decode_graphs:
+            self._decode_graphs[key] = CapturedDecode(
+                lambda e: self.decode(e, beam_size, normalize, search_backend, lm_head), enc)
+        return self._decode_graphs[key](enc)
 
     # -- accounting ----------------------------------------------------------------------------------------------
     def num_parameters(self, include_sparse: bool = False) -> int:

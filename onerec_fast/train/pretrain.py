@@ -54,6 +54,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.1
     warmup_steps: int = 100
     weight_decay: float = 0.01
+    embedding_weight_decay: float | None = None  # decay of the nn.Embedding tables (None: weight_decay)
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
@@ -78,6 +79,9 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"lr must be > 0 and min_lr_ratio in [0, 1], got {self.lr}, {self.min_lr_ratio}")
+        for name in ("weight_decay", "embedding_weight_decay"):
+            if (getattr(self, name) or 0.0) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.parallel not in PARALLEL_MODES:
             raise ValueError(f"parallel must be one of {PARALLEL_MODES}, got {self.parallel!r}")
         if self.expert_parallel and self.parallel != "ddp":
@@ -133,13 +137,20 @@ class EpochBatchSampler(torch.utils.data.Sampler):
         return 2**62
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW parameter groups: ``weight_decay`` on the trainable matrices, none on 1-D parameters (biases, norms)."""
-    decay, no_decay = [], []
+def param_groups(model: torch.nn.Module, weight_decay: float, embedding_weight_decay: float | None = None) -> list[dict]:
+    """AdamW parameter groups: ``weight_decay`` on the trainable matrices, none on 1-D parameters (biases, norms).
+    ``embedding_weight_decay`` (None: ``weight_decay``): the decay of the ``nn.Embedding`` tables instead (item,
+    code and per-trie-node vectors). AdamW decays every row at every step while a rarely seen item's row gets a
+    gradient only in the few steps whose batch holds it."""
+    # Without embedding_weight_decay the tables stay in the first group: two groups, as checkpoints hold them.
+    tables = set() if embedding_weight_decay is None else {
+        id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    decay, table, no_decay = [], [], []
     for p in model.parameters():
         if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            (no_decay if p.dim() < 2 else table if id(p) in tables else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return groups + ([{"params": table, "weight_decay": embedding_weight_decay}] if table else [])
 
 
 def _tokens(batch, model) -> int:
@@ -194,7 +205,7 @@ class Trainer:
         self.meta = meta or {}
         self.eval_fn = eval_fn
         fused = self.device.type == "cuda"
-        self.opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
+        self.opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.embedding_weight_decay), lr=cfg.lr,
                                      betas=(cfg.beta1, cfg.beta2), fused=fused or None)
         self.step = 0
         self.history: list[tuple[int, float]] = []
