@@ -3,12 +3,14 @@ constrained generation against brute-force scoring, batch checks."""
 
 import math
 
+import numpy as np
+
 import pytest
 import torch
 
 from onerec_fast.model.config import PARAM_MARGIN, PRESETS, OneRecConfig, nominal_parameters
 from onerec_fast.model.encoder import PaddedItems
-from onerec_fast.model.onerec import OneRec
+from onerec_fast.model.onerec import OneRec, with_transitions
 from tests.helpers import DEVICES, TRITON_DEVICES, requires_cuda
 from tests.model_world import POS, QUERIES, SHORT, batch_of, make_model, one_thread, world  # noqa: F401 (fixtures)
 
@@ -17,6 +19,15 @@ def _model(ds, codes, device, **overrides):
     """The tiny test model on ``device``: plain-PyTorch modules on CPU, the fused kernels on CUDA."""
     backend = "reference" if device == "cpu" else "auto"
     return make_model(ds, codes, backend=backend, **overrides).to(device)
+
+
+def _transition_model(ds, codes, device, window: int = 2, **overrides):
+    """``_model`` with node heads and transition biases over ``ds``'s training pairs (keys set, biases zero)."""
+    over = {"node_heads": True, "trie_loss": True, **overrides, "transition_window": window}
+    base = make_model(ds, codes, backend="reference" if device == "cpu" else "auto", **over)
+    cfg, keys = with_transitions(base.cfg, ds, codes)
+    assert keys.numel() == cfg.transition_pairs > 0
+    return OneRec(cfg, codes, transition_keys=keys).to(device)
 
 
 def _assert_same(a, b, device, what=""):
@@ -52,6 +63,8 @@ def test_presets_shape():
     (dict(dec_moe_experts=4, dec_moe_top_k=5), "dec_moe_top_k"),
     (dict(codebook_size=(8, 8)), "codebook_size"),
     (dict(short_len=0), "short_len"),
+    (dict(transition_window=2), "needs node_heads"),
+    (dict(transition_window=21, short_len=20, node_heads=True), "transition_window must be in"),
 ])
 def test_config_errors(bad, match):
     with pytest.raises(ValueError, match=match):
@@ -156,19 +169,19 @@ def test_decoder_is_causal(world, device, node_heads):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("moe, node_heads, newest, node_bias", [
-    (True, False, False, True), (False, False, False, True), (False, True, False, True), (False, True, True, True),
-    (False, True, True, False)])
-def test_generate_matches_brute_force(world, moe, node_heads, newest, node_bias, device):
+@pytest.mark.parametrize("moe, node_heads, newest, node_bias, window", [
+    (True, False, False, True, 0), (False, False, False, True, 0), (False, True, False, True, 0),
+    (False, True, True, True, 0), (False, True, True, False, 0), (False, True, True, True, 2)])
+def test_generate_matches_brute_force(world, moe, node_heads, newest, node_bias, window, device):
     """With beam >= catalogue size the search is exhaustive: its top-K must equal ranking every item by
     the sum of its codes' log-probs under teacher forcing (full-vocabulary softmax; with node heads, the
     trie-normalized softmax the model trains with; ``newest``: BOS adds the newest item's encoder state;
-    ``node_bias``: the node heads' per-node biases)."""
+    ``node_bias``: the node heads' per-node biases; ``window``: transition biases of that many recent items)."""
     _, codes, ds, test = world
     over = {} if moe else {"dec_moe_experts": 0, "dec_moe_top_k": 0}
     if node_heads:
         over.update(node_heads=True, trie_loss=True, bos_newest_item=newest, node_bias=node_bias)
-    model = _model(ds, codes, device, **over).eval()
+    model = (_transition_model(ds, codes, device, window, **over) if window else _model(ds, codes, device, **over)).eval()
     _randomize_node_heads(model, 2.0)
     codes = codes.to(device)
     # Make the distributions peaky so the ranking is well separated.
@@ -188,7 +201,9 @@ def test_generate_matches_brute_force(world, moe, node_heads, newest, node_bias,
         from onerec_fast.model.encoder import EncoderOutput
 
         all_codes = codes.repeat(5, 1)
-        logits = model.decoder(all_codes, EncoderOutput(rep(enc.states), rep(enc.mask)), model.decoder_trie(device))
+        logits = model.decoder(all_codes, EncoderOutput(rep(enc.states), rep(enc.mask),
+                                                        None if enc.recent is None else rep(enc.recent)),
+                               model.decoder_trie(device))
         if node_heads:  # the softmax over each prefix's children in the catalogue
             logits = [lg.float().masked_fill(~m, float("-inf")) for lg, m in zip(logits, model.prefix_masks(all_codes))]
         logp = sum(lg.float().log_softmax(-1).gather(1, all_codes[:, t:t + 1])[:, 0]
@@ -224,6 +239,48 @@ def test_generate_fused_lm_head_matches_logits(world, device, moe, normalize):
     nh = _model(ds, codes, device, node_heads=True, trie_loss=True).eval()
     with pytest.raises(ValueError, match="node heads"):
         nh.generate(b, beam_size=4, lm_head="fused")
+
+
+def test_transition_keys_and_biases(world):
+    """``transition_keys`` holds exactly the (recent item, path node) pairs of the training targets, and a pair's
+    bias moves exactly that child's logit, for rows whose recent items hold that item, by exactly the bias."""
+    log, codes, ds, _ = world
+    model = _transition_model(ds, codes, "cpu", window=2).eval()
+    cfg, dec = model.cfg, model.decoder
+    trie = model.trie()
+    paths = trie.prefix_nodes(codes)[:, 1:]
+    offsets = [0, *np.cumsum(cfg.trie_nodes).tolist()]
+    expect = set()
+    for u, p in zip(ds.sample_user, ds.sample_pos):
+        row = ds.offsets[u] + p
+        for back in (1, 2):
+            if p >= back:
+                j, i = int(log.item[row - back]), int(log.item[row])
+                expect |= {j * offsets[-1] + offsets[d] + int(paths[i, d]) for d in range(3)}
+    assert dec.transition_keys.tolist() == sorted(expect)
+    b = batch_of(ds, range(6))
+    enc = model.encode(b)
+    assert enc.recent.shape == (6, 2)
+    j = int(enc.recent[0, -1])
+    key = next(k for k in dec.transition_keys.tolist() if k // offsets[-1] == j and k % offsets[-1] < offsets[1])
+    node = key % offsets[-1]
+    root = torch.zeros(6, dtype=torch.int64)
+    h = torch.randn(6, cfg.d_model)
+    children = trie.child_nodes(0, root)
+    before = dec.head_logits(0, h, children, enc.recent)
+    with torch.no_grad():
+        dec.transition_bias[dec.transition_keys.tolist().index(key)] = 3.0
+    after = dec.head_logits(0, h, children, enc.recent)
+    holds = (enc.recent == j).any(1)
+    diff = after - before
+    token = int(children[1][0][children[0][0] == node])
+    assert torch.allclose(diff[holds, token], torch.full((int(holds.sum()),), 3.0))
+    diff[holds, token] = 0
+    assert not diff.any()
+    with pytest.raises(ValueError, match="sorted and unique"):
+        model.set_transition_keys(dec.transition_keys.flip(0))
+    with pytest.raises(ValueError, match="no transition biases"):
+        _model(ds, codes, "cpu").set_transition_keys(dec.transition_keys)
 
 
 def test_generate_cuda_graph_needs_cuda(world):

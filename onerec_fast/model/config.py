@@ -106,6 +106,14 @@ class OneRecConfig:
     # Without it the demo's model learned to ignore its encoder (the same code logits for every user) and
     # stayed at popularity; with it, test Recall/NDCG@10 0.066 / 0.030 -> 0.099 / 0.049 (docs/ARCHITECTURE.md).
     bos_newest_item: bool = False
+    # With node heads, a learned bias per (recent item, trie node) pair seen in training: the user's
+    # ``transition_window`` newest items each add the bias of the pair they formed with a child node whenever
+    # a training target on that node's path followed them within that many items (pairs never seen add 0).
+    # Exact transitions at every depth, the coarse ones included, where a code shared by hundreds of items
+    # cannot remember that item j was once followed by a rarely seen item i. ``transition_pairs``: the number
+    # of such pairs (``transition_keys``); the parameters belong to that training log. 0: off.
+    transition_window: int = 0
+    transition_pairs: int = 0
     backend: str = "auto"  # passed to MoELayer and QFormer ("reference" = plain PyTorch everywhere)
 
     def __post_init__(self) -> None:
@@ -120,6 +128,10 @@ class OneRecConfig:
         sizes = self.vocab_sizes
         if len(sizes) != self.code_levels or min(sizes) < 1:
             raise ValueError(f"codebook_size must be one positive int or {self.code_levels} of them, got {self.codebook_size}")
+        if self.transition_window < 0 or self.transition_window > self.short_len:
+            raise ValueError(f"transition_window must be in [0, short_len={self.short_len}], got {self.transition_window}")
+        if self.transition_window and not self.node_heads:
+            raise ValueError("transition_window needs node_heads (its biases are per trie node)")
         for name in ("short_len", "pos_len", "lifelong_len", "num_queries", "qformer_blocks", "enc_layers", "dec_layers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

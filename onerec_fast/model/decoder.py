@@ -53,6 +53,7 @@ class DecodeState:
     key_mask: torch.Tensor  # bool [B, 1, 1, S]
     self_kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer, k/v [B, beam, H, t, Dh]
     newest: torch.Tensor | None = None  # [B, d] added to BOS (cfg.bos_newest_item), else None
+    recent: torch.Tensor | None = None  # int64 [B, cfg.transition_window] newest item ids (EncoderOutput.recent)
 
 
 class OneRecDecoder(nn.Module):
@@ -79,12 +80,21 @@ class OneRecDecoder(nn.Module):
             self.node_in = nn.ModuleList(nn.Embedding(n, d) for n in cfg.trie_nodes[:-1])
             for emb in (*self.node_out, *self.node_in):
                 nn.init.zeros_(emb.weight)
+        if cfg.transition_window:
+            # Sorted keys item * total_nodes + (nodes above depth t + 1) + node of the (recent item, depth-(t+1)
+            # node) pairs (transition_keys); a bias each, zero at the start (the model without them).
+            self.register_buffer("transition_keys", torch.zeros(cfg.transition_pairs, dtype=torch.int64))
+            self.transition_bias = nn.Parameter(torch.zeros(cfg.transition_pairs))
+            self.register_buffer("node_offsets", torch.tensor([0, *cfg.trie_nodes], dtype=torch.int64).cumsum(0),
+                                 persistent=False)
 
     def node_tables(self) -> list[nn.Parameter]:
-        """The per-trie-node parameters (empty without ``cfg.node_heads``): their size grows with the catalogue."""
+        """The per-trie-node parameters (empty without ``cfg.node_heads``): their size grows with the catalogue
+        (the transition biases' with the training log)."""
         if not self.cfg.node_heads:
             return []
-        return [*(e.weight for e in self.node_out), *(self.node_bias or ()), *(e.weight for e in self.node_in)]
+        return [*(e.weight for e in self.node_out), *(self.node_bias or ()), *(e.weight for e in self.node_in),
+                *([self.transition_bias] if self.cfg.transition_window else [])]
 
     def _need_trie(self, trie) -> None:
         if self.cfg.node_heads and trie is None:
@@ -102,11 +112,12 @@ class OneRecDecoder(nn.Module):
             x = x + torch.where((node >= 0)[..., None], self.node_in[t - 1](node.clamp_min(0)), 0.0)
         return x + self.pos_emb[t]
 
-    def head_logits(self, t: int, h: torch.Tensor, children: tuple[torch.Tensor, torch.Tensor] | None = None
-                    ) -> torch.Tensor:
+    def head_logits(self, t: int, h: torch.Tensor, children: tuple[torch.Tensor, torch.Tensor] | None = None,
+                    recent: torch.Tensor | None = None) -> torch.Tensor:
         """Level-``t`` logits ``[R, V_t]`` of final hidden states ``h: [R, d]``. With node heads, ``children``
         is ``trie.child_nodes(t, nodes)`` of each row's depth-t prefix (ids and tokens ``[R, K]``): each child's
-        vector and bias are added to its code's logit (fp32)."""
+        vector and bias are added to its code's logit (fp32); with ``cfg.transition_window``, also the
+        transition biases of the row's ``recent: int64 [R, W]`` item ids (-1: none) with each child."""
         logits = self.heads[t](h)
         if not self.cfg.node_heads:
             return logits
@@ -116,9 +127,24 @@ class OneRecDecoder(nn.Module):
         s = torch.einsum("rd,rkd->rk", h, self.node_out[t](safe).to(h.dtype)).float()
         if self.node_bias is not None:
             s = s + self.node_bias[t][safe]
+        if self.cfg.transition_window:
+            s = s + self.transition_logits(t, safe, recent)
         col = torch.where(ok, tokens, logits.shape[-1])  # padding lands in a spare column, dropped
         out = torch.cat([logits.float(), logits.new_zeros(logits.shape[0], 1, dtype=torch.float32)], dim=1)
         return out.scatter_add(1, col, torch.where(ok, s, 0.0))[:, :-1]
+
+    def transition_logits(self, t: int, children: torch.Tensor, recent: torch.Tensor) -> torch.Tensor:
+        """fp32 ``[R, K]``: the sum over each row's ``recent: int64 [R, W]`` items (-1: none) of the bias of the pair
+        (item, child) for the depth-(t+1) nodes ``children: int64 [R, K]``; 0 for pairs never seen in training.
+        One binary search per pair into the sorted keys, no host sync."""
+        keys = self.transition_keys
+        if keys.numel() == 0:
+            return children.new_zeros(children.shape, dtype=torch.float32)
+        total = self.node_offsets[-1]
+        key = recent[:, :, None] * total + self.node_offsets[t] + children[:, None, :]  # [R, W, K]
+        pos = torch.searchsorted(keys, key).clamp_max(keys.numel() - 1)
+        hit = (keys[pos] == key) & (recent[:, :, None] >= 0)
+        return torch.where(hit, self.transition_bias[pos], 0.0).sum(1)
 
     def newest_item_state(self, enc: EncoderOutput) -> torch.Tensor | None:
         """``[B, d]``: what BOS adds with ``cfg.bos_newest_item``, the encoder state of each user's newest item
@@ -157,7 +183,8 @@ class OneRecDecoder(nn.Module):
             x = x + layer.drop(layer.cross_attn(layer.norm2(x), enc.states, key_mask))
             x = x + layer.drop(layer.ffn(layer.norm3(x)))
         h = self.norm(x)
-        return [self.head_logits(t, h[:, t], trie.child_nodes(t, nodes[:, t]) if nodes is not None else None)
+        return [self.head_logits(t, h[:, t], trie.child_nodes(t, nodes[:, t]) if nodes is not None else None,
+                                 enc.recent)
                 for t in range(L)]
 
     def loss(self, codes: torch.Tensor, enc: EncoderOutput, masks: list[torch.Tensor] | None = None,
@@ -172,7 +199,7 @@ class OneRecDecoder(nn.Module):
 
     # -- generation --------------------------------------------------------------------------------------
     def start(self, enc: EncoderOutput) -> DecodeState:
-        return DecodeState(self.cross_kv(enc), enc.mask[:, None, None, :], [], self.newest_item_state(enc))
+        return DecodeState(self.cross_kv(enc), enc.mask[:, None, None, :], [], self.newest_item_state(enc), enc.recent)
 
     def step(self, state: DecodeState, t: int, token: torch.Tensor | None, parents: torch.Tensor | None,
              beam: int, nodes: torch.Tensor | None = None, trie=None, hidden_only: bool = False) -> torch.Tensor:
@@ -227,7 +254,8 @@ class OneRecDecoder(nn.Module):
             h = self.norm(x)
             return h.expand(B, beam, -1) if nb == 1 else h
         children = trie.child_nodes(t, nodes.reshape(-1)) if self.cfg.node_heads else None
-        logits = self.head_logits(t, self.norm(x).reshape(B * nb, -1), children).view(B, nb, -1)
+        recent = state.recent.repeat_interleave(nb, 0) if state.recent is not None else None  # [B * nb, W]
+        logits = self.head_logits(t, self.norm(x).reshape(B * nb, -1), children, recent).view(B, nb, -1)
         return logits.expand(B, beam, -1) if nb == 1 else logits
 
     def step_flops(self, batch_size: int, beam: int, t: int, enc_lens: list[int]) -> float:

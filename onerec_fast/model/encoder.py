@@ -91,6 +91,7 @@ def right_align(values: torch.Tensor, seq, max_len: int) -> tuple[torch.Tensor, 
 class EncoderOutput:
     states: torch.Tensor  # [B, S, d] encoder states (padding slots hold finite garbage)
     mask: torch.Tensor  # bool [B, S]: True where a real token sits
+    recent: torch.Tensor | None = None  # int64 [B, cfg.transition_window]: newest item ids, newest last, -1 = none
 
 
 def _signed_log1p(x: torch.Tensor) -> torch.Tensor:
@@ -236,7 +237,13 @@ class OneRecEncoder(nn.Module):
         real = mask.flatten().nonzero().squeeze(1) if device.type == "cpu" else None
         for layer in self.layers:
             x = layer(x, key_mask, real)
-        return EncoderOutput(self.norm(x), mask)
+        recent = None
+        if cfg.transition_window:
+            if short.item is None:
+                raise KeyError("transition_window needs the short-term pathway's item ids (batch.short.item)")
+            ids, ok = right_align(short.item, short, cfg.short_len)
+            recent = torch.where(ok, ids, -1)[:, cfg.short_len - cfg.transition_window:]
+        return EncoderOutput(self.norm(x), mask, recent)
 
     def flops(self, short_len: torch.Tensor, pos_len: torch.Tensor, lifelong_len: torch.Tensor,
               backward: bool = False) -> float:

@@ -21,7 +21,7 @@ from onerec_fast.model.decoder import OneRecDecoder
 from onerec_fast.model.encoder import EncoderOutput, OneRecEncoder, seq_lengths
 from onerec_fast.model.layers import moe_layers
 
-__all__ = ["OneRec", "GenerateOutput", "features_from_dataset"]
+__all__ = ["OneRec", "GenerateOutput", "features_from_dataset", "transition_keys", "with_transitions"]
 
 
 class GenerateOutput(NamedTuple):
@@ -54,11 +54,50 @@ def features_from_dataset(ds, item_codes: torch.Tensor | None = None, *, use_ite
     }
 
 
+def with_transitions(cfg: OneRecConfig, ds, item_codes: torch.Tensor) -> tuple[OneRecConfig, torch.Tensor | None]:
+    """``(cfg with transition_pairs set, keys)`` for ``OneRec(cfg, item_codes, transition_keys=keys)`` over the
+    training dataset ``ds``; ``(cfg, None)`` without ``cfg.transition_window``."""
+    import dataclasses
+
+    if not cfg.transition_window:
+        return cfg, None
+    keys = transition_keys(ds, item_codes, cfg)
+    return dataclasses.replace(cfg, transition_pairs=keys.numel()), keys
+
+
+def transition_keys(ds, item_codes: torch.Tensor, cfg: OneRecConfig) -> torch.Tensor:
+    """Sorted unique int64 keys of the (recent item, trie node) pairs of a training
+    ``onerec_fast.data.UserSequenceDataset`` (``cfg.transition_window``, ``cfg.trie_nodes``): for every training
+    target ``i`` and each of the ``transition_window`` items ``j`` right before it, ``j * total + offset_d + node``
+    for the depth-``d`` node of ``i``'s path, ``d = 1..L`` (``offset_d``: the nodes above depth ``d``; ``total``:
+    all nodes). ``cfg.transition_pairs`` must be its length (``dataclasses.replace``)."""
+    import numpy as np
+
+    from onerec_fast.trie import SemanticIDTrie
+
+    if ds.split != "train":
+        raise ValueError(f"transition_keys reads the training split, got a {ds.split!r} dataset")
+    w = cfg.transition_window
+    codes = torch.as_tensor(item_codes).long().cpu()
+    paths = SemanticIDTrie(codes, list(cfg.vocab_sizes)).prefix_nodes(codes)[:, 1:]  # [I, L] depth 1..L nodes
+    offsets = torch.tensor([0, *cfg.trie_nodes], dtype=torch.int64).cumsum(0)
+    rows = ds.offsets[ds.sample_user] + ds.sample_pos  # each training target's row in the log
+    items = torch.from_numpy(ds.log.item.astype(np.int64))
+    keys = []
+    for back in range(1, w + 1):
+        has = torch.from_numpy(ds.sample_pos >= back)
+        r = torch.from_numpy(rows)[has]
+        j, node = items[r - back], paths[items[r]] + offsets[:-1]  # [N], [N, L]
+        keys.append((j[:, None] * offsets[-1] + node).flatten())
+    return torch.unique(torch.cat(keys)) if keys else torch.zeros(0, dtype=torch.int64)
+
+
 class OneRec(nn.Module):
     """Encoder + decoder; ``item_codes: int64 [I, L]`` (item i has codes ``item_codes[i]``) defines the
     items generation may return (a ``SemanticIDTrie`` built on first use on each device)."""
 
-    def __init__(self, cfg: OneRecConfig, item_codes: torch.Tensor | None = None):
+    def __init__(self, cfg: OneRecConfig, item_codes: torch.Tensor | None = None,
+                 transition_keys: torch.Tensor | None = None):
         super().__init__()
         self.cfg = cfg
         self.encoder = OneRecEncoder(cfg)
@@ -69,6 +108,8 @@ class OneRec(nn.Module):
         self.register_buffer("item_codes", torch.zeros(0, cfg.code_levels, dtype=torch.int64), persistent=True)
         if item_codes is not None:
             self.set_items(item_codes)
+        if transition_keys is not None:
+            self.set_transition_keys(transition_keys)
 
     def _init_weights(self) -> None:
         """N(0, 0.02) for our linear and embedding weights (GPT-2 style), residual output projections
@@ -101,6 +142,21 @@ class OneRec(nn.Module):
         self.item_codes = codes.to(self.item_codes.device, torch.int64)
         self._tries.clear()
         self._decode_graphs.clear()
+
+    def set_transition_keys(self, keys: torch.Tensor) -> None:
+        """Set the (recent item, trie node) pairs of ``cfg.transition_window`` (:func:`transition_keys`); their
+        biases start at zero."""
+        if not self.cfg.transition_window:
+            raise ValueError("set_transition_keys: this model has no transition biases (cfg.transition_window = 0)")
+        keys = torch.as_tensor(keys)
+        if keys.dim() != 1 or keys.numel() != self.cfg.transition_pairs or keys.dtype != torch.int64:
+            raise ValueError(f"transition keys must be int64 [cfg.transition_pairs={self.cfg.transition_pairs}], "
+                             f"got {keys.dtype} {tuple(keys.shape)}")
+        if keys.numel() > 1 and not bool((keys[1:] > keys[:-1]).all()):
+            raise ValueError("transition keys must be sorted and unique (transition_keys returns them so)")
+        with torch.no_grad():
+            self.decoder.transition_keys.copy_(keys)
+            self.decoder.transition_bias.zero_()
 
     def trie(self, device: torch.device | None = None):
         """The ``SemanticIDTrie`` of the catalogue on ``device`` (built once per device)."""

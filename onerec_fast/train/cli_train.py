@@ -32,6 +32,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--dropout", type=number(float, min=0.0, max=0.9), default=None, help="dropout of the transformer (default: preset)")
     parser.add_argument("--attn-dropout", type=number(float, min=0.0, max=0.9), default=None,
                         help="dropout on the attention weights alone (default: --dropout's value)")
+    parser.add_argument("--transition-window", type=non_negative_int, default=0,
+                        help="learn a bias for each (recent item, trie node) pair seen in training, over the user's "
+                             "N newest items (needs a preset with node heads, e.g. small; 0: off, the default)")
     parser.add_argument("--steps", type=positive_int, default=None,
                         help="optimizer steps in the whole run (default: the recipe's epochs over the training targets)")
     parser.add_argument("--batch-size", type=positive_int, default=None, help="global batch, all ranks together (default: recipe)")
@@ -88,7 +91,7 @@ def build_trainer(args, prepared, recipe, synthetic: dict | None = None, show_pr
     import torch
 
     from onerec_fast.model.config import OneRecConfig
-    from onerec_fast.model.onerec import OneRec, features_from_dataset
+    from onerec_fast.model.onerec import OneRec, features_from_dataset, with_transitions
     from onerec_fast.train.cli_common import resolve_device, run_meta
     from onerec_fast.train.evaluate import evaluate_onerec
     from onerec_fast.train.pretrain import Trainer, TrainConfig
@@ -101,9 +104,11 @@ def build_trainer(args, prepared, recipe, synthetic: dict | None = None, show_pr
         dropout["attn_dropout"] = args.attn_dropout
     cfg = OneRecConfig.preset(args.preset, **dropout, short_len=bc.short_len,
                               pos_len=bc.positive_len, lifelong_len=bc.lifelong_len, backend=args.backend,
+                              transition_window=args.transition_window,
                               **features_from_dataset(ds, prepared.item_codes, use_user_id=recipe.user_id))
+    cfg, keys = with_transitions(cfg, ds, prepared.item_codes)
     torch.manual_seed(args.seed)
-    model = OneRec(cfg, prepared.item_codes)
+    model = OneRec(cfg, prepared.item_codes, transition_keys=keys)
     per_epoch = steps_for_epochs(1, len(ds), args.batch_size)
     steps = args.steps or steps_for_epochs(recipe.epochs, len(ds), args.batch_size)
     eval_every = args.eval_every

@@ -1,0 +1,7 @@
+#!/bin/bash
+cd /work/main && . .venv/bin/activate
+D=scratch/data/ml-100k; O=/tmp/s11/ml4; mkdir -p $O
+V="--data $D --preset small --no-uid --lifelong-len 1000 --time-budget 1200 --threads 1 --beam 128 --out $O/runs --train {\"lr\":2e-3}"
+python benchmarks/quality_variants.py $V --seed 2 --name T3s2 --model '{"transition_window":3}' > $O/T3s2.jsonl 2>$O/T3s2.err &
+python benchmarks/quality_variants.py $V --seed 2 --name defs2 > $O/defs2.jsonl 2>$O/defs2.err &
+wait; echo done > $O/DONE
