@@ -292,15 +292,17 @@ def test_generate_cuda_graph_needs_cuda(world):
 
 
 @requires_cuda
-@pytest.mark.parametrize("node_heads, lm_head", [(True, "logits"), (False, "logits"), (False, "fused")])
-def test_generate_cuda_graph_matches_eager(world, node_heads, lm_head):
+@pytest.mark.parametrize("node_heads, lm_head, window", [(True, "logits", 0), (True, "logits", 2),
+                                                          (False, "logits", 0), (False, "fused", 0)])
+def test_generate_cuda_graph_matches_eager(world, node_heads, lm_head, window):
     """The captured decode returns the eager decode's items, codes and scores: on the capture call, on a replay
     with other users of the same batch size (one graph serves both), for a second batch size (a second graph),
     under bf16 autocast (a graph of its own), and after new weights are loaded in place (the replay reads them);
-    a new catalogue drops the graphs."""
+    a new catalogue drops the graphs. ``window``: transition biases, whose recent item ids are a graph input too."""
     _, codes, ds, test = world
     over = {"node_heads": True, "trie_loss": True, "bos_newest_item": True} if node_heads else {}
-    model = _model(ds, codes, "cuda", **over).eval()
+    model = (_transition_model(ds, codes, "cuda", window, **over) if window else _model(ds, codes, "cuda", **over)).eval()
+    _randomize_node_heads(model)  # the transition biases too: a graph that dropped them would differ
 
     def check(users, **kw):
         b = batch_of(test, users).to("cuda")

@@ -2,13 +2,14 @@
 
 Decoding is launch-bound: at 0.935b and beam 128 one and eight users cost the same 43 ms on an H100
 (benchmarks/RESULTS.md, session 11), three levels of decoder steps and beam steps, a few hundred small kernels.
-A graph replays them without the host. What the graph reads is fixed at capture: the encoder states and mask
-(copied into static buffers at each replay), the weights and the trie (by address: a model moved to other
+A graph replays them without the host. What the graph reads is fixed at capture: the encoder output (states, mask, recent item ids;
+copied into static buffers at each replay), the weights and the trie (by address: a model moved to other
 memory, or given a new catalogue, needs a new capture, which ``OneRec`` arranges).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import torch
@@ -28,23 +29,28 @@ class CapturedDecode:
     def __init__(self, decode: Callable[[EncoderOutput], tuple], enc: EncoderOutput):
         if not enc.states.is_cuda:
             raise ValueError(f"CapturedDecode needs CUDA encoder states, got {enc.states.device}")
-        self._states, self._mask = enc.states.clone(), enc.mask.clone()
-        static = EncoderOutput(self._states, self._mask)
+        # Every field of the encoder output is a graph input (states, mask and, with transitions, recent ids).
+        self._static = EncoderOutput(**{f.name: None if getattr(enc, f.name) is None else getattr(enc, f.name).clone()
+                                        for f in dataclasses.fields(EncoderOutput)})
         side = torch.cuda.Stream(device=enc.states.device)
         side.wait_stream(torch.cuda.current_stream(enc.states.device))
         with torch.cuda.stream(side):
-            decode(static)
+            decode(self._static)
         torch.cuda.current_stream(enc.states.device).wait_stream(side)
         self._graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self._graph):
-            self._out = decode(static)
+            self._out = decode(self._static)
 
     def __call__(self, enc: EncoderOutput) -> tuple:
-        if enc.states.shape != self._states.shape or enc.mask.shape != self._mask.shape:
-            raise ValueError(f"captured for encoder states {tuple(self._states.shape)} and mask "
-                             f"{tuple(self._mask.shape)}, got {tuple(enc.states.shape)} and {tuple(enc.mask.shape)}")
-        self._states.copy_(enc.states)
-        self._mask.copy_(enc.mask)
+        pairs = [(f.name, getattr(self._static, f.name), getattr(enc, f.name)) for f in dataclasses.fields(EncoderOutput)]
+        for name, static, new in pairs:
+            if (static is None) != (new is None) or (static is not None and static.shape != new.shape):
+                raise ValueError(f"captured for encoder output {name} "
+                                 f"{None if static is None else tuple(static.shape)}, got "
+                                 f"{None if new is None else tuple(new.shape)}")
+        for _, static, new in pairs:
+            if static is not None:
+                static.copy_(new)
         self._graph.replay()
         return type(self._out)(*(t.clone() for t in self._out))
 

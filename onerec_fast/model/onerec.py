@@ -140,8 +140,7 @@ class OneRec(nn.Module):
         if codes.numel() and (bool((codes.min(0).values < 0).any()) or bool((codes.max(0).values >= hi).any())):
             raise ValueError(f"item_codes must lie in [0, codebook_size) per level {self.cfg.vocab_sizes}")
         self.item_codes = codes.to(self.item_codes.device, torch.int64)
-        self._tries.clear()
-        self._decode_graphs.clear()
+        self._drop_catalogue_caches()
 
     def set_transition_keys(self, keys: torch.Tensor) -> None:
         """Set the (recent item, trie node) pairs of ``cfg.transition_window`` (:func:`transition_keys`); their
@@ -157,6 +156,11 @@ class OneRec(nn.Module):
         with torch.no_grad():
             self.decoder.transition_keys.copy_(keys)
             self.decoder.transition_bias.zero_()
+
+    def _drop_catalogue_caches(self) -> None:
+        """A new catalogue (or loaded weights): the tries and the decode graphs that read them are stale."""
+        self._tries.clear()
+        self._decode_graphs.clear()
 
     def trie(self, device: torch.device | None = None):
         """The ``SemanticIDTrie`` of the catalogue on ``device`` (built once per device)."""
@@ -184,8 +188,7 @@ class OneRec(nn.Module):
         if key in state_dict:
             self.item_codes = torch.empty_like(state_dict[key], device=self.item_codes.device)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self._tries.clear()
-        self._decode_graphs.clear()
+        self._drop_catalogue_caches()
 
     # -- batches ---------------------------------------------------------------------------------------------
     def check_batch(self, batch) -> None:
