@@ -72,9 +72,9 @@ def main(argv=None) -> int:
     cfg = OneRecConfig.preset(a.preset, short_len=20, pos_len=a.pos_len, lifelong_len=a.lifelong_len,
                               **features_from_dataset(ds, prep.item_codes, use_user_id=not a.no_uid),
                               **json.loads(a.model))
-    cfg, keys = with_transitions(cfg, ds, prep.item_codes)
+    cfg, transitions = with_transitions(cfg, ds, prep.item_codes)
     torch.manual_seed(a.seed)
-    model = OneRec(cfg, prep.item_codes, transition_keys=keys)
+    model = OneRec(cfg, prep.item_codes, transitions=transitions)
     tr = dict(batch_size=256, lr=1e-3, warmup_steps=200, weight_decay=0.05, patience=4, log_every=50)
     tr.update(json.loads(a.train))
     per_epoch = len(ds) // tr["batch_size"]

@@ -1,6 +1,7 @@
 """OneRec model: preset sizes, shapes through each pathway, jagged vs padded encoder, causal decoder,
 constrained generation against brute-force scoring, batch checks."""
 
+import collections
 import math
 
 import numpy as np
@@ -10,7 +11,7 @@ import torch
 
 from onerec_fast.model.config import PARAM_MARGIN, PRESETS, OneRecConfig, nominal_parameters
 from onerec_fast.model.encoder import PaddedItems
-from onerec_fast.model.onerec import OneRec, with_transitions
+from onerec_fast.model.onerec import OneRec, TransitionTable, with_transitions
 from tests.helpers import DEVICES, TRITON_DEVICES, requires_cuda
 from tests.model_world import POS, QUERIES, SHORT, batch_of, make_model, one_thread, world  # noqa: F401 (fixtures)
 
@@ -25,9 +26,9 @@ def _transition_model(ds, codes, device, window: int = 2, **overrides):
     """``_model`` with node heads and transition biases over ``ds``'s training pairs (keys set, biases zero)."""
     over = {"node_heads": True, "trie_loss": True, **overrides, "transition_window": window}
     base = make_model(ds, codes, backend="reference" if device == "cpu" else "auto", **over)
-    cfg, keys = with_transitions(base.cfg, ds, codes)
-    assert keys.numel() == cfg.transition_pairs > 0
-    return OneRec(cfg, codes, transition_keys=keys).to(device)
+    cfg, table = with_transitions(base.cfg, ds, codes)
+    assert table.keys.numel() == cfg.transition_pairs > 0
+    return OneRec(cfg, codes, transitions=table).to(device)
 
 
 def _assert_same(a, b, device, what=""):
@@ -241,23 +242,39 @@ def test_generate_fused_lm_head_matches_logits(world, device, moe, normalize):
         nh.generate(b, beam_size=4, lm_head="fused")
 
 
-def test_transition_keys_and_biases(world):
-    """``transition_keys`` holds exactly the (recent item, path node) pairs of the training targets, and a pair's
-    bias moves exactly that child's logit, for rows whose recent items hold that item, by exactly the bias."""
+def _training_transitions(ds, log, paths, offsets, window):
+    """Brute force over the training targets: Counters of the (recent item, path node) keys and of the recent
+    items, and per training sample its own (keys, recent items)."""
+    pairs, items, own = collections.Counter(), collections.Counter(), []
+    for u, p in zip(ds.sample_user, ds.sample_pos):
+        row = ds.offsets[u] + p
+        mine = ([], [])
+        for back in range(1, window + 1):
+            if p >= back:
+                j, i = int(log.item[row - back]), int(log.item[row])
+                mine[0].extend(j * offsets[-1] + offsets[d] + int(paths[i, d]) for d in range(paths.shape[1]))
+                mine[1].append(j)
+        pairs.update(mine[0])
+        items.update(mine[1])
+        own.append(mine)
+    return pairs, items, own
+
+
+def test_transition_table_and_biases(world):
+    """``transition_table`` holds exactly the (recent item, path node) pairs of the training targets and their
+    counts, and a pair's bias moves exactly that child's logit, for rows whose recent items hold that item, by
+    exactly the bias."""
     log, codes, ds, _ = world
     model = _transition_model(ds, codes, "cpu", window=2).eval()
     cfg, dec = model.cfg, model.decoder
     trie = model.trie()
     paths = trie.prefix_nodes(codes)[:, 1:]
     offsets = [0, *np.cumsum(cfg.trie_nodes).tolist()]
-    expect = set()
-    for u, p in zip(ds.sample_user, ds.sample_pos):
-        row = ds.offsets[u] + p
-        for back in (1, 2):
-            if p >= back:
-                j, i = int(log.item[row - back]), int(log.item[row])
-                expect |= {j * offsets[-1] + offsets[d] + int(paths[i, d]) for d in range(3)}
-    assert dec.transition_keys.tolist() == sorted(expect)
+    pairs, items, _ = _training_transitions(ds, log, paths, offsets, 2)
+    _, table = with_transitions(cfg, ds, codes)
+    assert table.keys.tolist() == sorted(pairs) == dec.transition_keys.tolist()
+    assert table.counts.tolist() == [[pairs[k], items[k // offsets[-1]]] for k in sorted(pairs)]
+    assert table.counts[:, 0].max() > 1  # the world repeats pairs
     b = batch_of(ds, range(6))
     enc = model.encode(b)
     assert enc.recent.shape == (6, 2)
@@ -278,9 +295,68 @@ def test_transition_keys_and_biases(world):
     diff[holds, token] = 0
     assert not diff.any()
     with pytest.raises(ValueError, match="sorted and unique"):
-        model.set_transition_keys(dec.transition_keys.flip(0))
+        model.set_transitions(TransitionTable(table.keys.flip(0), table.counts))
+    with pytest.raises(ValueError, match="transition counts must be float"):
+        model.set_transitions(TransitionTable(table.keys, table.counts[:, :1]))
     with pytest.raises(ValueError, match="no transition biases"):
-        _model(ds, codes, "cpu").set_transition_keys(dec.transition_keys)
+        _model(ds, codes, "cpu").set_transitions(table)
+    model.set_transitions(table)  # resets the biases
+    assert not dec.transition_bias.any()
+
+
+def test_transition_prior_leaves_own_occurrences_out(world):
+    """With ``transition_prior`` each seen pair adds ``a log(1 + c) + b log(1 + n)`` of its counts, brute-forced
+    here at every level: at inference with the table's counts; in training with the row's own occurrences taken
+    out (a pair only the row formed adds nothing), which the teacher-forced forward does in train mode only."""
+    log, codes, ds, _ = world
+    model = _transition_model(ds, codes, "cpu", window=3, transition_prior=True, dropout=0.0).eval()
+    cfg, dec = model.cfg, model.decoder
+    trie = model.trie()
+    paths = trie.prefix_nodes(codes)[:, 1:]
+    offsets = [0, *np.cumsum(cfg.trie_nodes).tolist()]
+    pairs, items, own = _training_transitions(ds, log, paths, offsets, 3)
+    weights = torch.tensor([[0.5, -0.25], [0.3, 0.2], [-0.4, 0.1], [0.7, -0.6]])[:len(cfg.trie_nodes)]
+    with torch.no_grad():
+        for w, v in zip(dec.transition_weights, weights):
+            w.copy_(v)
+    rows = list(range(0, len(ds), max(1, len(ds) // 12)))[:12]
+    b = batch_of(ds, rows)
+    enc = model.encode(b)
+    nodes = trie.prefix_nodes(b.target_codes)
+    for t in range(len(cfg.trie_nodes)):
+        ids = trie.child_nodes(t, nodes[:, t])[0]
+        for training in (False, True):
+            got = dec.transition_logits(t, ids.clamp_min(0), enc.recent, nodes[:, t + 1] if training else None)
+            expect = torch.zeros_like(got)
+            for r, k in np.ndindex(*ids.shape):
+                child = int(ids[r, k])
+                mine_keys, mine_items = own[rows[r]] if training else ([], [])
+                for j in enc.recent[r].tolist():
+                    key = j * offsets[-1] + offsets[t] + child
+                    if j < 0 or child < 0 or key not in pairs:
+                        continue
+                    c, n = pairs[key] - mine_keys.count(key), items[j] - mine_items.count(j)
+                    if c > 0:
+                        expect[r, k] += float(weights[t] @ torch.tensor([math.log1p(c), math.log1p(n)]))
+            ok = ids >= 0
+            assert expect[ok].any()
+            assert torch.allclose(got[ok], expect[ok], atol=1e-5), (t, training)
+    # the forward hands the targets' nodes to the prior in train mode only
+    model.train()
+    trained = dec(b.target_codes, enc, trie)
+    model.eval()
+    inferred = dec(b.target_codes, enc, trie)
+    for t in range(len(cfg.trie_nodes)):
+        ids, tokens = trie.child_nodes(t, nodes[:, t])
+        delta = (dec.transition_logits(t, ids.clamp_min(0), enc.recent, nodes[:, t + 1])
+                 - dec.transition_logits(t, ids.clamp_min(0), enc.recent))
+        ok = ids >= 0
+        rows_, cols = ok.nonzero(as_tuple=True)
+        diff = (trained[t] - inferred[t])[rows_, tokens[rows_, cols]]
+        assert torch.allclose(diff, delta[rows_, cols], atol=1e-5)
+    assert any(bool(d.abs().gt(1e-4).any()) for d in (trained[t] - inferred[t] for t in range(len(cfg.trie_nodes))))
+    with pytest.raises(ValueError, match="transition_prior needs transition_window"):
+        OneRecConfig.preset("tiny", node_heads=True, transition_prior=True)
 
 
 def test_generate_cuda_graph_needs_cuda(world):

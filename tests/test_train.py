@@ -190,14 +190,17 @@ _SMALL_WORLD = [x for kv in ("num_users=60", "num_items=120", "median_history=25
                              "heavy_user_frac=0") for x in ("--synthetic", kv)]
 
 
-@pytest.mark.parametrize("transitions", [False, True])
-def test_cli_train_evaluate_generate(tmp_path, capsys, transitions):
-    """train, resume, evaluate and generate through the CLI; ``transitions``: with ``--transition-window 2``,
-    whose keys and biases the checkpoint carries to evaluate and generate."""
+@pytest.mark.parametrize("flags, window", [(["--transition-window", "0"], 0), ([], 3), (["--preset", "tiny"], 0),
+                                           (["--transition-prior"], 3)],
+                         ids=["off", "recipe", "no-node-heads", "prior"])
+def test_cli_train_evaluate_generate(tmp_path, capsys, flags, window):
+    """train, resume, evaluate and generate through the CLI: with transition biases off, at the small recipe's
+    default (window 3: the checkpoint carries their keys and trained biases to evaluate and generate),
+    and off by default for a preset without node heads."""
     from onerec_fast.train import cli_evaluate, cli_generate, cli_train
 
     argv = ["--steps", "4", "--batch-size", "8", "--warmup", "2", "--log-every", "2", "--ckpt-every", "2",
-            "--out", str(tmp_path), *_SMALL_WORLD, *(["--transition-window", "2"] if transitions else [])]
+            "--out", str(tmp_path), *_SMALL_WORLD, *flags]
     assert cli_train.run(_parse(cli_train, argv)) == 0
     ck = tmp_path / "checkpoint.pt"
     assert torch.load(ck, weights_only=True)["schedule"]["step"] == 4
@@ -209,11 +212,18 @@ def test_cli_train_evaluate_generate(tmp_path, capsys, transitions):
     out = capsys.readouterr().out
     assert "resumed from" in out and "recall@10" in out and "SASRec" in out
     assert "user 1:" in out and "true watch ratio" in out
-    state = torch.load(ck, weights_only=True)["model"]
-    assert ("decoder.transition_keys" in state) == transitions
-    if transitions:
+    saved = torch.load(ck, weights_only=True)
+    state = saved["model"]
+    assert saved["model_config"]["transition_window"] == window
+    assert ("decoder.transition_keys" in state) == bool(window)
+    if window:
         assert state["decoder.transition_keys"].numel() == state["decoder.transition_bias"].numel() > 0
         assert bool((state["decoder.transition_bias"] != 0).any())  # trained
+        prior = "--transition-prior" in flags
+        assert saved["model_config"]["transition_prior"] == prior
+        assert ("decoder.transition_counts" in state) == prior
+        if prior:
+            assert bool((state["decoder.transition_weights.0"] != 0).any())
 
 
 def test_demo_small(tmp_path, capsys):

@@ -82,9 +82,13 @@ class OneRecDecoder(nn.Module):
                 nn.init.zeros_(emb.weight)
         if cfg.transition_window:
             # Sorted keys item * total_nodes + (nodes above depth t + 1) + node of the (recent item, depth-(t+1)
-            # node) pairs (transition_keys); a bias each, zero at the start (the model without them).
+            # node) pairs (transition_table); a bias each, zero at the start (the model without them).
             self.register_buffer("transition_keys", torch.zeros(cfg.transition_pairs, dtype=torch.int64))
             self.transition_bias = nn.Parameter(torch.zeros(cfg.transition_pairs))
+            if cfg.transition_prior:
+                # occurrences of each pair and of its recent item (TransitionTable.counts); a and b per level
+                self.register_buffer("transition_counts", torch.zeros(cfg.transition_pairs, 2))
+                self.transition_weights = nn.ParameterList(nn.Parameter(torch.zeros(2)) for _ in cfg.trie_nodes)
             self.register_buffer("node_offsets", torch.tensor([0, *cfg.trie_nodes], dtype=torch.int64).cumsum(0),
                                  persistent=False)
 
@@ -94,7 +98,8 @@ class OneRecDecoder(nn.Module):
         if not self.cfg.node_heads:
             return []
         return [*(e.weight for e in self.node_out), *(self.node_bias or ()), *(e.weight for e in self.node_in),
-                *([self.transition_bias] if self.cfg.transition_window else [])]
+                *([self.transition_bias] if self.cfg.transition_window else []),
+                *(self.transition_weights if self.cfg.transition_prior else ())]
 
     def _need_trie(self, trie) -> None:
         if self.cfg.node_heads and trie is None:
@@ -113,11 +118,12 @@ class OneRecDecoder(nn.Module):
         return x + self.pos_emb[t]
 
     def head_logits(self, t: int, h: torch.Tensor, children: tuple[torch.Tensor, torch.Tensor] | None = None,
-                    recent: torch.Tensor | None = None) -> torch.Tensor:
+                    recent: torch.Tensor | None = None, own: torch.Tensor | None = None) -> torch.Tensor:
         """Level-``t`` logits ``[R, V_t]`` of final hidden states ``h: [R, d]``. With node heads, ``children``
         is ``trie.child_nodes(t, nodes)`` of each row's depth-t prefix (ids and tokens ``[R, K]``): each child's
         vector and bias are added to its code's logit (fp32); with ``cfg.transition_window``, also the
-        transition biases of the row's ``recent: int64 [R, W]`` item ids (-1: none) with each child."""
+        transition biases of the row's ``recent: int64 [R, W]`` item ids (-1: none) with each child. ``own:
+        int64 [R]``: a training row's target node at depth t + 1, whose occurrences the prior leaves out."""
         logits = self.heads[t](h)
         if not self.cfg.node_heads:
             return logits
@@ -128,15 +134,19 @@ class OneRecDecoder(nn.Module):
         if self.node_bias is not None:
             s = s + self.node_bias[t][safe]
         if self.cfg.transition_window:
-            s = s + self.transition_logits(t, safe, recent)
+            s = s + self.transition_logits(t, safe, recent, own)
         col = torch.where(ok, tokens, logits.shape[-1])  # padding lands in a spare column, dropped
         out = torch.cat([logits.float(), logits.new_zeros(logits.shape[0], 1, dtype=torch.float32)], dim=1)
         return out.scatter_add(1, col, torch.where(ok, s, 0.0))[:, :-1]
 
-    def transition_logits(self, t: int, children: torch.Tensor, recent: torch.Tensor) -> torch.Tensor:
+    def transition_logits(self, t: int, children: torch.Tensor, recent: torch.Tensor,
+                          own: torch.Tensor | None = None) -> torch.Tensor:
         """fp32 ``[R, K]``: the sum over each row's ``recent: int64 [R, W]`` items (-1: none) of the bias of the pair
         (item, child) for the depth-(t+1) nodes ``children: int64 [R, K]``; 0 for pairs never seen in training.
-        One binary search per pair into the sorted keys, no host sync."""
+        With ``cfg.transition_prior`` a seen pair adds ``a_t log(1 + c) + b_t log(1 + n)`` of its counts, where a
+        training row (``own: int64 [R]``, its target's depth-(t+1) node) first takes its own occurrences out: one
+        per window slot holding the item, from ``n`` always and from ``c`` where the child is ``own``; a pair left
+        with ``c = 0`` adds nothing. One binary search per pair into the sorted keys, no host sync."""
         keys = self.transition_keys
         if keys.numel() == 0:
             return children.new_zeros(children.shape, dtype=torch.float32)
@@ -144,7 +154,17 @@ class OneRecDecoder(nn.Module):
         key = recent[:, :, None] * total + self.node_offsets[t] + children[:, None, :]  # [R, W, K]
         pos = torch.searchsorted(keys, key).clamp_max(keys.numel() - 1)
         hit = (keys[pos] == key) & (recent[:, :, None] >= 0)
-        return torch.where(hit, self.transition_bias[pos], 0.0).sum(1)
+        bias = self.transition_bias[pos]
+        if self.cfg.transition_prior:
+            counts = self.transition_counts[pos]  # [R, W, K, 2]
+            pair, item = counts.unbind(-1)
+            if own is not None:
+                slots = (recent[:, :, None] == recent[:, None, :]).sum(-1, keepdim=True).float()  # [R, W, 1]
+                item = item - slots
+                pair = pair - torch.where(children[:, None, :] == own[:, None, None], slots, 0.0)
+            a, b = self.transition_weights[t].unbind()
+            bias = bias + torch.where(pair > 0, a * pair.clamp_min(0).log1p() + b * item.clamp_min(0).log1p(), 0.0)
+        return torch.where(hit, bias, 0.0).sum(1)
 
     def newest_item_state(self, enc: EncoderOutput) -> torch.Tensor | None:
         """``[B, d]``: what BOS adds with ``cfg.bos_newest_item``, the encoder state of each user's newest item
@@ -183,8 +203,10 @@ class OneRecDecoder(nn.Module):
             x = x + layer.drop(layer.cross_attn(layer.norm2(x), enc.states, key_mask))
             x = x + layer.drop(layer.ffn(layer.norm3(x)))
         h = self.norm(x)
+        # in training, the transition prior leaves each row's own occurrences out of its counts
+        own = nodes if self.training and self.cfg.transition_prior else None
         return [self.head_logits(t, h[:, t], trie.child_nodes(t, nodes[:, t]) if nodes is not None else None,
-                                 enc.recent)
+                                 enc.recent, own[:, t + 1] if own is not None else None)
                 for t in range(L)]
 
     def loss(self, codes: torch.Tensor, enc: EncoderOutput, masks: list[torch.Tensor] | None = None,

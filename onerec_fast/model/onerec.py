@@ -21,7 +21,7 @@ from onerec_fast.model.decoder import OneRecDecoder
 from onerec_fast.model.encoder import EncoderOutput, OneRecEncoder, seq_lengths
 from onerec_fast.model.layers import moe_layers
 
-__all__ = ["OneRec", "GenerateOutput", "features_from_dataset", "transition_keys", "with_transitions"]
+__all__ = ["OneRec", "GenerateOutput", "features_from_dataset", "TransitionTable", "transition_table", "with_transitions"]
 
 
 class GenerateOutput(NamedTuple):
@@ -54,42 +54,54 @@ def features_from_dataset(ds, item_codes: torch.Tensor | None = None, *, use_ite
     }
 
 
-def with_transitions(cfg: OneRecConfig, ds, item_codes: torch.Tensor) -> tuple[OneRecConfig, torch.Tensor | None]:
-    """``(cfg with transition_pairs set, keys)`` for ``OneRec(cfg, item_codes, transition_keys=keys)`` over the
+class TransitionTable(NamedTuple):
+    """The (recent item, trie node) pairs of a training log (:func:`transition_table`): ``keys: int64 [P]``,
+    sorted and unique; ``counts: float32 [P, 2]``, each pair's occurrences and those of its recent item."""
+
+    keys: torch.Tensor
+    counts: torch.Tensor
+
+
+def with_transitions(cfg: OneRecConfig, ds, item_codes: torch.Tensor) -> tuple[OneRecConfig, TransitionTable | None]:
+    """``(cfg with transition_pairs set, table)`` for ``OneRec(cfg, item_codes, transitions=table)`` over the
     training dataset ``ds``; ``(cfg, None)`` without ``cfg.transition_window``."""
     import dataclasses
 
     if not cfg.transition_window:
         return cfg, None
-    keys = transition_keys(ds, item_codes, cfg)
-    return dataclasses.replace(cfg, transition_pairs=keys.numel()), keys
+    table = transition_table(ds, item_codes, cfg)
+    return dataclasses.replace(cfg, transition_pairs=table.keys.numel()), table
 
 
-def transition_keys(ds, item_codes: torch.Tensor, cfg: OneRecConfig) -> torch.Tensor:
-    """Sorted unique int64 keys of the (recent item, trie node) pairs of a training
-    ``onerec_fast.data.UserSequenceDataset`` (``cfg.transition_window``, ``cfg.trie_nodes``): for every training
-    target ``i`` and each of the ``transition_window`` items ``j`` right before it, ``j * total + offset_d + node``
+def transition_table(ds, item_codes: torch.Tensor, cfg: OneRecConfig) -> TransitionTable:
+    """The (recent item, trie node) pairs of a training ``onerec_fast.data.UserSequenceDataset``
+    (``cfg.transition_window``, ``cfg.trie_nodes``): for every training target ``i`` and each of the
+    ``transition_window`` items ``j`` right before it, one occurrence of the key ``j * total + offset_d + node``
     for the depth-``d`` node of ``i``'s path, ``d = 1..L`` (``offset_d``: the nodes above depth ``d``; ``total``:
-    all nodes). ``cfg.transition_pairs`` must be its length (``dataclasses.replace``)."""
+    all nodes), and one of ``j`` as a recent item. ``cfg.transition_pairs`` must be its length
+    (``dataclasses.replace``)."""
     import numpy as np
 
     from onerec_fast.trie import SemanticIDTrie
 
     if ds.split != "train":
-        raise ValueError(f"transition_keys reads the training split, got a {ds.split!r} dataset")
+        raise ValueError(f"transition_table reads the training split, got a {ds.split!r} dataset")
     w = cfg.transition_window
     codes = torch.as_tensor(item_codes).long().cpu()
     paths = SemanticIDTrie(codes, list(cfg.vocab_sizes)).prefix_nodes(codes)[:, 1:]  # [I, L] depth 1..L nodes
     offsets = torch.tensor([0, *cfg.trie_nodes], dtype=torch.int64).cumsum(0)
     rows = ds.offsets[ds.sample_user] + ds.sample_pos  # each training target's row in the log
     items = torch.from_numpy(ds.log.item.astype(np.int64))
-    keys = []
+    keys, recent = [torch.zeros(0, dtype=torch.int64)], [torch.zeros(0, dtype=torch.int64)]
     for back in range(1, w + 1):
         has = torch.from_numpy(ds.sample_pos >= back)
         r = torch.from_numpy(rows)[has]
         j, node = items[r - back], paths[items[r]] + offsets[:-1]  # [N], [N, L]
         keys.append((j[:, None] * offsets[-1] + node).flatten())
-    return torch.unique(torch.cat(keys)) if keys else torch.zeros(0, dtype=torch.int64)
+        recent.append(j)
+    keys, pair = torch.unique(torch.cat(keys), return_counts=True)
+    per_item = torch.bincount(torch.cat(recent), minlength=len(codes))
+    return TransitionTable(keys, torch.stack([pair, per_item[keys // offsets[-1]]], 1).float())
 
 
 class OneRec(nn.Module):
@@ -97,7 +109,7 @@ class OneRec(nn.Module):
     items generation may return (a ``SemanticIDTrie`` built on first use on each device)."""
 
     def __init__(self, cfg: OneRecConfig, item_codes: torch.Tensor | None = None,
-                 transition_keys: torch.Tensor | None = None):
+                 transitions: TransitionTable | None = None):
         super().__init__()
         self.cfg = cfg
         self.encoder = OneRecEncoder(cfg)
@@ -108,8 +120,8 @@ class OneRec(nn.Module):
         self.register_buffer("item_codes", torch.zeros(0, cfg.code_levels, dtype=torch.int64), persistent=True)
         if item_codes is not None:
             self.set_items(item_codes)
-        if transition_keys is not None:
-            self.set_transition_keys(transition_keys)
+        if transitions is not None:
+            self.set_transitions(transitions)
 
     def _init_weights(self) -> None:
         """N(0, 0.02) for our linear and embedding weights (GPT-2 style), residual output projections
@@ -142,20 +154,29 @@ class OneRec(nn.Module):
         self.item_codes = codes.to(self.item_codes.device, torch.int64)
         self._drop_catalogue_caches()
 
-    def set_transition_keys(self, keys: torch.Tensor) -> None:
-        """Set the (recent item, trie node) pairs of ``cfg.transition_window`` (:func:`transition_keys`); their
-        biases start at zero."""
+    def set_transitions(self, table: TransitionTable) -> None:
+        """Set the (recent item, trie node) pairs of ``cfg.transition_window`` and their counts
+        (:func:`transition_table`); their biases (and the prior's weights) start at zero."""
         if not self.cfg.transition_window:
-            raise ValueError("set_transition_keys: this model has no transition biases (cfg.transition_window = 0)")
-        keys = torch.as_tensor(keys)
-        if keys.dim() != 1 or keys.numel() != self.cfg.transition_pairs or keys.dtype != torch.int64:
-            raise ValueError(f"transition keys must be int64 [cfg.transition_pairs={self.cfg.transition_pairs}], "
+            raise ValueError("set_transitions: this model has no transition biases (cfg.transition_window = 0)")
+        keys, counts = torch.as_tensor(table.keys), torch.as_tensor(table.counts)
+        p = self.cfg.transition_pairs
+        if keys.dim() != 1 or keys.numel() != p or keys.dtype != torch.int64:
+            raise ValueError(f"transition keys must be int64 [cfg.transition_pairs={p}], "
                              f"got {keys.dtype} {tuple(keys.shape)}")
         if keys.numel() > 1 and not bool((keys[1:] > keys[:-1]).all()):
-            raise ValueError("transition keys must be sorted and unique (transition_keys returns them so)")
+            raise ValueError("transition keys must be sorted and unique (transition_table returns them so)")
+        if counts.shape != (p, 2) or not counts.is_floating_point() or not bool((counts >= 1).all()):
+            raise ValueError(f"transition counts must be float [cfg.transition_pairs={p}, 2], each >= 1, "
+                             f"got {counts.dtype} {tuple(counts.shape)}")
+        dec = self.decoder
         with torch.no_grad():
-            self.decoder.transition_keys.copy_(keys)
-            self.decoder.transition_bias.zero_()
+            dec.transition_keys.copy_(keys)
+            dec.transition_bias.zero_()
+            if self.cfg.transition_prior:
+                dec.transition_counts.copy_(counts)
+                for w in dec.transition_weights:
+                    w.zero_()
 
     def _drop_catalogue_caches(self) -> None:
         """A new catalogue (or loaded weights): the tries and the decode graphs that read them are stale."""

@@ -80,7 +80,8 @@ def run(args) -> int:
     loaded = load_source("synthetic", seed=args.seed, synthetic_overrides=world_cfg)
     print(loaded[0].summary())
     targs = argparse.Namespace(data="synthetic", recipe="auto", seed=args.seed, preset=None, code_levels=None,
-                               pos_len=None, lifelong_len=None, dropout=None, attn_dropout=None, transition_window=0,
+                               pos_len=None, lifelong_len=None, dropout=None, attn_dropout=None,
+                               transition_window=None, transition_prior=False,
                                steps=steps,
                                batch_size=batch, lr=None, warmup=None,
                                weight_decay=None, grad_clip=1.0, eval_every=None, patience=None, eval_users=None,

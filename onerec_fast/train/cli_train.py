@@ -32,9 +32,14 @@ def add_arguments(parser) -> None:
     parser.add_argument("--dropout", type=number(float, min=0.0, max=0.9), default=None, help="dropout of the transformer (default: preset)")
     parser.add_argument("--attn-dropout", type=number(float, min=0.0, max=0.9), default=None,
                         help="dropout on the attention weights alone (default: --dropout's value)")
-    parser.add_argument("--transition-window", type=non_negative_int, default=0,
+    parser.add_argument("--transition-window", type=non_negative_int, default=None,
                         help="learn a bias for each (recent item, trie node) pair seen in training, over the user's "
-                             "N newest items (needs a preset with node heads, e.g. small; 0: off, the default)")
+                             "N newest items (needs a preset with node heads, e.g. small; 0: off; default: the "
+                             "recipe's where the preset has node heads, else 0)")
+    parser.add_argument("--transition-prior", action="store_true",
+                        help="add to each seen pair's transition bias a learned function of its training counts "
+                             "(a training row's own occurrences left out; off by default: not yet measured on "
+                             "Amazon Sports)")
     parser.add_argument("--steps", type=positive_int, default=None,
                         help="optimizer steps in the whole run (default: the recipe's epochs over the training targets)")
     parser.add_argument("--batch-size", type=positive_int, default=None, help="global batch, all ranks together (default: recipe)")
@@ -102,13 +107,16 @@ def build_trainer(args, prepared, recipe, synthetic: dict | None = None, show_pr
     dropout = {} if args.dropout is None else {"dropout": args.dropout}
     if args.attn_dropout is not None:
         dropout["attn_dropout"] = args.attn_dropout
+    window = args.transition_window
+    if window is None:  # the recipe's, where the preset (maybe chosen by hand) has the node heads it needs
+        window = recipe.transition_window if OneRecConfig.preset(args.preset).node_heads else 0
     cfg = OneRecConfig.preset(args.preset, **dropout, short_len=bc.short_len,
                               pos_len=bc.positive_len, lifelong_len=bc.lifelong_len, backend=args.backend,
-                              transition_window=args.transition_window,
+                              transition_window=window, transition_prior=args.transition_prior,
                               **features_from_dataset(ds, prepared.item_codes, use_user_id=recipe.user_id))
-    cfg, keys = with_transitions(cfg, ds, prepared.item_codes)
+    cfg, transitions = with_transitions(cfg, ds, prepared.item_codes)
     torch.manual_seed(args.seed)
-    model = OneRec(cfg, prepared.item_codes, transition_keys=keys)
+    model = OneRec(cfg, prepared.item_codes, transitions=transitions)
     per_epoch = steps_for_epochs(1, len(ds), args.batch_size)
     steps = args.steps or steps_for_epochs(recipe.epochs, len(ds), args.batch_size)
     eval_every = args.eval_every
