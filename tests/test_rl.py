@@ -10,7 +10,7 @@ from onerec_fast.data.batch import BatchConfig, UserSequenceDataset, collate_use
 from onerec_fast.data.log import InteractionLog
 from onerec_fast.decoding import SemanticIDTrie
 from onerec_fast.model.config import OneRecConfig
-from onerec_fast.model.onerec import OneRec, features_from_dataset
+from onerec_fast.model.onerec import OneRec, features_from_dataset, with_transitions
 from onerec_fast.rl import (
     ComposedReward,
     ExposureShareCap,
@@ -293,11 +293,20 @@ def _tiny_world(seed=0, users=48, items=96, vocab=8, per_user=12, dim=4):
     return ds, torch.as_tensor(codes), torch.tensor(pref, dtype=torch.float32)
 
 
-def _tiny_policy(ds, codes, seed=0, lifelong_len=16):
+def _tiny_policy(ds, codes, seed=0, lifelong_len=16, transition_window=0):
+    """The tiny policy; with ``transition_window``, node heads and transition biases over ``ds`` (random, so
+    that a path which drops them shows)."""
     torch.manual_seed(seed)
-    cfg = OneRecConfig.preset("tiny", **features_from_dataset(ds), short_len=8, pos_len=8, lifelong_len=lifelong_len,
-                              num_queries=4, enc_layers=1, dec_layers=1, d_model=32, d_ff=64, moe_d_ff=32)
-    return OneRec(cfg, codes)
+    extra = dict(node_heads=True, transition_window=transition_window) if transition_window else {}
+    cfg = OneRecConfig.preset("tiny", **features_from_dataset(ds, codes), short_len=8, pos_len=8,
+                              lifelong_len=lifelong_len, num_queries=4, enc_layers=1, dec_layers=1, d_model=32,
+                              d_ff=64, moe_d_ff=32, **extra)
+    cfg, transitions = with_transitions(cfg, ds, codes)
+    model = OneRec(cfg, codes, transitions=transitions)
+    if transition_window:
+        with torch.no_grad():
+            model.decoder.transition_bias.normal_(0, 2.0)
+    return model
 
 
 def test_ecpo_run_raises_true_reward_and_legality(tmp_path):
@@ -335,9 +344,12 @@ def test_zero_learning_rate_leaves_the_policy_unchanged():
     assert all(torch.equal(v, after[k]) for k, v in before.items())
 
 
-def test_sequence_logp_matches_the_sampler_and_beam_scores():
+@pytest.mark.parametrize("transition_window", [0, 2])
+def test_sequence_logp_matches_the_sampler_and_beam_scores(transition_window):
+    """The teacher-forced log-probability of sampled and beam-searched groups equals what the search scored
+    (with transition biases too: the scoring repeats every field of the encoder output per group member)."""
     ds, codes, _ = _tiny_world()
-    model = _tiny_policy(ds, codes).eval()
+    model = _tiny_policy(ds, codes, transition_window=transition_window).eval()
     batch = collate_user_batch([ds[i] for i in range(5)])
     with torch.no_grad():
         g = sample_generations(model, batch, 6, generator=torch.Generator().manual_seed(0))

@@ -22,7 +22,7 @@ right-aligned in their slots (the newest item always sits in the last slot, so p
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 from torch import nn
@@ -92,6 +92,12 @@ class EncoderOutput:
     states: torch.Tensor  # [B, S, d] encoder states (padding slots hold finite garbage)
     mask: torch.Tensor  # bool [B, S]: True where a real token sits
     recent: torch.Tensor | None = None  # int64 [B, cfg.transition_window]: newest item ids, newest last, -1 = none
+
+    def repeat_rows(self, n: int) -> "EncoderOutput":
+        """Every field with each user's row repeated ``n`` times (``[B, ...] -> [B * n, ...]``, user-major): one
+        encoding per user scored against ``n`` sequences."""
+        return EncoderOutput(**{f.name: None if getattr(self, f.name) is None
+                                else getattr(self, f.name).repeat_interleave(n, dim=0) for f in fields(self)})
 
 
 def _signed_log1p(x: torch.Tensor) -> torch.Tensor:
