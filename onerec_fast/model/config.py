@@ -117,8 +117,8 @@ class OneRecConfig:
     # With transitions, each seen pair's bias also gets a learned per-level function of its counts,
     # a * log(1 + c) + b * log(1 + n) (c: the pair's occurrences, n: those of its recent item), so that a pair
     # seen once moves from two weights every pair shares instead of from its own bias's ~one Adam update per
-    # epoch. In training a sample's own occurrences are left out of the counts (a pair only it formed counts as
-    # unseen): with them in, the target's pairs are always "seen" in training and rarely at test, and the
+    # epoch. In training a sample's own occurrences are left out of the counts (a pair only it formed gets no
+    # prior): with them in, the target's pairs are always "seen" in training and rarely at test, and the
     # weights learned that leak at once (Sports, session 12: 0.0249 against 0.0396 Recall@10). Off by default.
     transition_prior: bool = False
     backend: str = "auto"  # passed to MoELayer and QFormer ("reference" = plain PyTorch everywhere)

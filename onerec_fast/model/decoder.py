@@ -146,7 +146,7 @@ class OneRecDecoder(nn.Module):
         With ``cfg.transition_prior`` a seen pair adds ``a_t log(1 + c) + b_t log(1 + n)`` of its counts, where a
         training row (``own: int64 [R]``, its target's depth-(t+1) node) first takes its own occurrences out: one
         per window slot holding the item, from ``n`` always and from ``c`` where the child is ``own``; a pair left
-        with ``c = 0`` adds nothing. One binary search per pair into the sorted keys, no host sync."""
+        with ``c = 0`` adds its bias alone. One binary search per pair into the sorted keys, no host sync."""
         keys = self.transition_keys
         if keys.numel() == 0:
             return children.new_zeros(children.shape, dtype=torch.float32)
