@@ -199,7 +199,7 @@ def test_generate_matches_brute_force(world, moe, node_heads, newest, node_bias,
     with torch.no_grad():
         enc = model.encode(b)
         all_codes = codes.repeat(5, 1)
-        logits = model.decoder(all_codes, enc.repeat_rows(n_items), model.decoder_trie(device))
+        logits = model.decoder(all_codes, enc.map_tensors(lambda t: t.repeat_interleave(n_items, 0)), model.decoder_trie(device))
         if node_heads:  # the softmax over each prefix's children in the catalogue
             logits = [lg.float().masked_fill(~m, float("-inf")) for lg, m in zip(logits, model.prefix_masks(all_codes))]
         logp = sum(lg.float().log_softmax(-1).gather(1, all_codes[:, t:t + 1])[:, 0]

@@ -30,8 +30,7 @@ class CapturedDecode:
         if not enc.states.is_cuda:
             raise ValueError(f"CapturedDecode needs CUDA encoder states, got {enc.states.device}")
         # Every field of the encoder output is a graph input (states, mask and, with transitions, recent ids).
-        self._static = EncoderOutput(**{f.name: None if getattr(enc, f.name) is None else getattr(enc, f.name).clone()
-                                        for f in dataclasses.fields(EncoderOutput)})
+        self._static = enc.map_tensors(torch.clone)
         side = torch.cuda.Stream(device=enc.states.device)
         side.wait_stream(torch.cuda.current_stream(enc.states.device))
         with torch.cuda.stream(side):

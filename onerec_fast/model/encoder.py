@@ -93,11 +93,11 @@ class EncoderOutput:
     mask: torch.Tensor  # bool [B, S]: True where a real token sits
     recent: torch.Tensor | None = None  # int64 [B, cfg.transition_window]: newest item ids, newest last, -1 = none
 
-    def repeat_rows(self, n: int) -> "EncoderOutput":
-        """Every field with each user's row repeated ``n`` times (``[B, ...] -> [B * n, ...]``, user-major): one
-        encoding per user scored against ``n`` sequences."""
-        return EncoderOutput(**{f.name: None if getattr(self, f.name) is None
-                                else getattr(self, f.name).repeat_interleave(n, dim=0) for f in fields(self)})
+    def map_tensors(self, fn) -> "EncoderOutput":
+        """``fn`` applied to every field that is set (the transition biases' ``recent`` included): e.g. a clone,
+        or each user's row repeated per scored sequence, ``lambda t: t.repeat_interleave(n, dim=0)``."""
+        return EncoderOutput(**{f.name: None if getattr(self, f.name) is None else fn(getattr(self, f.name))
+                                for f in fields(self)})
 
 
 def _signed_log1p(x: torch.Tensor) -> torch.Tensor:

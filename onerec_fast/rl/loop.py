@@ -198,7 +198,7 @@ def sequence_logp(model, enc, codes: torch.Tensor) -> torch.Tensor:
     the sum over the L levels of the full-softmax log-probabilities. ``enc``: the B users' encoder output,
     repeated for their G generations (the encoder runs once)."""
     B, G, L = codes.shape
-    enc_g = enc.repeat_rows(G)  # every field: the transition biases read the recent item ids
+    enc_g = enc.map_tensors(lambda t: t.repeat_interleave(G, dim=0))  # every field, the recent item ids too
     flat = codes.reshape(B * G, L)
     logits = model.decoder(flat, enc_g, model.decoder_trie(flat.device))
     lp = sum(F.log_softmax(lg.float(), dim=-1).gather(1, flat[:, t:t + 1]).squeeze(1) for t, lg in enumerate(logits))
