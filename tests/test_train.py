@@ -191,12 +191,12 @@ _SMALL_WORLD = [x for kv in ("num_users=60", "num_items=120", "median_history=25
 
 
 @pytest.mark.parametrize("flags, window", [(["--transition-window", "0"], 0), ([], 3), (["--preset", "tiny"], 0),
-                                           (["--transition-prior"], 3)],
-                         ids=["off", "recipe", "no-node-heads", "prior"])
+                                           (["--no-transition-prior"], 3)],
+                         ids=["off", "recipe", "no-node-heads", "no-prior"])
 def test_cli_train_evaluate_generate(tmp_path, capsys, flags, window):
     """train, resume, evaluate and generate through the CLI: with transition biases off, at the small recipe's
-    default (window 3: the checkpoint carries their keys and trained biases to evaluate and generate),
-    and off by default for a preset without node heads."""
+    default (window 3 and the count prior: the checkpoint carries their keys, counts and trained weights to
+    evaluate and generate), with the prior turned off, and off by default for a preset without node heads."""
     from onerec_fast.train import cli_evaluate, cli_generate, cli_train
 
     argv = ["--steps", "4", "--batch-size", "8", "--warmup", "2", "--log-every", "2", "--ckpt-every", "2",
@@ -219,7 +219,7 @@ def test_cli_train_evaluate_generate(tmp_path, capsys, flags, window):
     if window:
         assert state["decoder.transition_keys"].numel() == state["decoder.transition_bias"].numel() > 0
         assert bool((state["decoder.transition_bias"] != 0).any())  # trained
-        prior = "--transition-prior" in flags
+        prior = "--no-transition-prior" not in flags
         assert saved["model_config"]["transition_prior"] == prior
         assert ("decoder.transition_counts" in state) == prior
         if prior:

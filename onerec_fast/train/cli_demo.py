@@ -81,7 +81,7 @@ def run(args) -> int:
     print(loaded[0].summary())
     targs = argparse.Namespace(data="synthetic", recipe="auto", seed=args.seed, preset=None, code_levels=None,
                                pos_len=None, lifelong_len=None, dropout=None, attn_dropout=None,
-                               transition_window=None, transition_prior=False,
+                               transition_window=None, transition_prior=None,
                                steps=steps,
                                batch_size=batch, lr=None, warmup=None,
                                weight_decay=None, grad_clip=1.0, eval_every=None, patience=None, eval_users=None,

@@ -12,6 +12,7 @@ prints and writes the metrics and the plot.
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 from onerec_fast.cli_args import non_negative_int, number, positive_int
@@ -36,10 +37,10 @@ def add_arguments(parser) -> None:
                         help="learn a bias for each (recent item, trie node) pair seen in training, over the user's "
                              "N newest items (needs a preset with node heads, e.g. small; 0: off; default: the "
                              "recipe's where the preset has node heads, else 0)")
-    parser.add_argument("--transition-prior", action="store_true",
+    parser.add_argument("--transition-prior", action=argparse.BooleanOptionalAction, default=None,
                         help="add to each seen pair's transition bias a learned function of its training counts "
-                             "(a training row's own occurrences left out; off by default: not yet measured on "
-                             "Amazon Sports)")
+                             "(a training row's own occurrences left out); default: the recipe's where "
+                             "transition biases are on")
     parser.add_argument("--steps", type=positive_int, default=None,
                         help="optimizer steps in the whole run (default: the recipe's epochs over the training targets)")
     parser.add_argument("--batch-size", type=positive_int, default=None, help="global batch, all ranks together (default: recipe)")
@@ -110,9 +111,12 @@ def build_trainer(args, prepared, recipe, synthetic: dict | None = None, show_pr
     window = args.transition_window
     if window is None:  # the recipe's, where the preset (maybe chosen by hand) has the node heads it needs
         window = recipe.transition_window if OneRecConfig.preset(args.preset).node_heads else 0
+    prior = args.transition_prior
+    if prior is None:
+        prior = recipe.transition_prior and window > 0
     cfg = OneRecConfig.preset(args.preset, **dropout, short_len=bc.short_len,
                               pos_len=bc.positive_len, lifelong_len=bc.lifelong_len, backend=args.backend,
-                              transition_window=window, transition_prior=args.transition_prior,
+                              transition_window=window, transition_prior=prior,
                               **features_from_dataset(ds, prepared.item_codes, use_user_id=recipe.user_id))
     cfg, transitions = with_transitions(cfg, ds, prepared.item_codes)
     torch.manual_seed(args.seed)
