@@ -354,6 +354,64 @@ def test_transition_prior_leaves_own_occurrences_out(world):
         OneRecConfig.preset("tiny", node_heads=True, transition_prior=True)
 
 
+def test_transition_mixture_generation_is_the_exact_mixture(world):
+    """With ``transition_mixture`` the beam returns the items of the mixture ``(1 - w) P_net + w P_chain``, best
+    first, with their log-probabilities: brute-forced over the whole catalogue (P_net teacher-forced with the
+    trie-normalized softmax; P_chain from the training transitions at the item depth) with a beam that keeps
+    every prefix. w = 0 is the network alone, and a user whose recent items have no successor gets it too."""
+    log, codes, ds, test = world
+    model = _transition_model(ds, codes, "cpu", window=3, transition_prior=True, transition_mixture=True,
+                              dropout=0.0).eval()
+    cfg, dec = model.cfg, model.decoder
+    assert float(dec.transition_mix) == 0.5  # until chosen
+    torch.manual_seed(1)
+    with torch.no_grad():  # a network whose ranking is not flat
+        for p in (*dec.node_bias, dec.transition_bias, *dec.transition_weights):
+            p.normal_(0.0, 0.5)
+    trie = model.trie()
+    paths = trie.prefix_nodes(codes)[:, 1:]
+    offsets = [0, *np.cumsum(cfg.trie_nodes).tolist()]
+    pairs, items, _ = _training_transitions(ds, log, paths, offsets, 3)
+    rows = list(range(len(test)))[:10]
+    b = batch_of(test, rows)
+    enc = model.encode(b)
+    I, L = codes.shape
+    flat = codes.repeat(len(rows), 1)
+    enc_all = enc.map_tensors(lambda x: x.repeat_interleave(I, dim=0))
+    with torch.no_grad():
+        lp = [lg.float().masked_fill(~m, float("-inf")).log_softmax(-1)
+              for lg, m in zip(dec(flat, enc_all, model.decoder_trie(flat.device)), model.prefix_masks(flat))]
+    net = sum(x.gather(1, flat[:, t:t + 1])[:, 0] for t, x in enumerate(lp)).view(len(rows), I).double()
+    chain = torch.zeros(len(rows), I, dtype=torch.float64)
+    total = torch.zeros(len(rows), dtype=torch.float64)
+    for r, recent in enumerate(enc.recent.tolist()):
+        for j in (j for j in recent if j >= 0):
+            total[r] += items[j]
+            for i in range(I):
+                chain[r, i] += pairs[j * offsets[-1] + offsets[L - 1] + int(paths[i, L - 1])]
+    assert bool((total > 0).any())
+    chain = chain / total.clamp_min(1)[:, None]
+    assert torch.allclose(chain[total > 0].sum(1), torch.ones(int((total > 0).sum()), dtype=torch.float64))
+    beam, k = max(cfg.trie_nodes), 12
+    changed = False
+    for w in (0.0, 0.3, 0.8):
+        model.set_transition_mixture(w)
+        out = model.generate(b, beam_size=beam, num_return=k)
+        ww = torch.where(total > 0, w, 0.0)[:, None]
+        expect = ((1 - ww) * net.exp() + ww * chain).log()
+        top = expect.topk(k, dim=1)
+        assert torch.equal(out.item_ids, top.indices), w
+        assert torch.allclose(out.scores.double(), top.values, atol=1e-4), w
+        changed |= w > 0 and not torch.equal(top.indices, net.topk(k, dim=1).indices)
+    assert changed  # the chain moves some user's ranking
+    with pytest.raises(ValueError, match="transition mixture weight"):
+        model.set_transition_mixture(1.0)
+    with pytest.raises(ValueError, match="no transition mixture"):
+        _transition_model(ds, codes, "cpu", window=3).set_transition_mixture(0.5)
+    with pytest.raises(ValueError, match="transition_mixture needs transition_window"):
+        OneRecConfig.preset("tiny", node_heads=True, transition_mixture=True)
+
+
 def test_generate_cuda_graph_needs_cuda(world):
     """``cuda_graph=True`` on a CPU model is a clear error, not a silent eager run."""
     _, codes, ds, test = world
@@ -369,10 +427,12 @@ def test_generate_cuda_graph_matches_eager(world, node_heads, lm_head, window):
     """The captured decode returns the eager decode's items, codes and scores: on the capture call, on a replay
     with other users of the same batch size (one graph serves both), for a second batch size (a second graph),
     under bf16 autocast (a graph of its own), and after new weights are loaded in place (the replay reads them);
-    a new catalogue drops the graphs. ``window``: transition biases, whose recent item ids are a graph input too."""
+    a new catalogue drops the graphs. ``window``: transition biases with the count prior and the mixture, whose
+    recent item ids are a graph input too and whose mixture weight a replay reads."""
     _, codes, ds, test = world
     over = {"node_heads": True, "trie_loss": True, "bos_newest_item": True} if node_heads else {}
-    model = (_transition_model(ds, codes, "cuda", window, **over) if window else _model(ds, codes, "cuda", **over)).eval()
+    model = (_transition_model(ds, codes, "cuda", window, transition_prior=True, transition_mixture=True, **over)
+             if window else _model(ds, codes, "cuda", **over)).eval()
     _randomize_node_heads(model)  # the transition biases too: a graph that dropped them would differ
 
     def check(users, **kw):
@@ -395,6 +455,10 @@ def test_generate_cuda_graph_matches_eager(world, node_heads, lm_head, window):
             p.mul_(1.5)
     check(range(6))
     assert len(model._decode_graphs) == 3
+    if window:
+        model.set_transition_mixture(0.2)
+        check(range(6))
+        assert len(model._decode_graphs) == 3
     model.set_items(codes)
     assert len(model._decode_graphs) == 0
 

@@ -190,13 +190,15 @@ _SMALL_WORLD = [x for kv in ("num_users=60", "num_items=120", "median_history=25
                              "heavy_user_frac=0") for x in ("--synthetic", kv)]
 
 
-@pytest.mark.parametrize("flags, window", [(["--transition-window", "0"], 0), ([], 3), (["--preset", "tiny"], 0),
-                                           (["--no-transition-prior"], 3)],
-                         ids=["off", "recipe", "no-node-heads", "no-prior"])
+@pytest.mark.parametrize("flags, window", [(["--transition-window", "0"], 0), (["--eval-every", "2"], 3),
+                                           (["--preset", "tiny"], 0), (["--no-transition-prior"], 3),
+                                           (["--no-transition-prior", "--no-transition-mixture"], 3)],
+                         ids=["off", "recipe", "no-node-heads", "no-prior", "no-prior-no-mixture"])
 def test_cli_train_evaluate_generate(tmp_path, capsys, flags, window):
     """train, resume, evaluate and generate through the CLI: with transition biases off, at the small recipe's
-    default (window 3 and the count prior: the checkpoint carries their keys, counts and trained weights to
-    evaluate and generate), with the prior turned off, and off by default for a preset without node heads."""
+    default (window 3, the count prior and the mixture: the checkpoint carries their keys, counts and trained
+    weights to evaluate and generate; with validation, best.pt carries the mixture weight chosen on it), with
+    the prior or both turned off, and off by default for a preset without node heads."""
     from onerec_fast.train import cli_evaluate, cli_generate, cli_train
 
     argv = ["--steps", "4", "--batch-size", "8", "--warmup", "2", "--log-every", "2", "--ckpt-every", "2",
@@ -221,9 +223,18 @@ def test_cli_train_evaluate_generate(tmp_path, capsys, flags, window):
         assert bool((state["decoder.transition_bias"] != 0).any())  # trained
         prior = "--no-transition-prior" not in flags
         assert saved["model_config"]["transition_prior"] == prior
-        assert ("decoder.transition_counts" in state) == prior
+        mixture = "--no-transition-mixture" not in flags
+        assert saved["model_config"]["transition_mixture"] == mixture
+        assert ("decoder.transition_counts" in state) == (prior or mixture)
+        assert ("decoder.transition_mix" in state) == mixture
         if prior:
             assert bool((state["decoder.transition_weights.0"] != 0).any())
+        if "--eval-every" in flags:
+            best = torch.load(tmp_path / "best.pt", weights_only=True)
+            chosen = best["selection"]["transition_mix"]
+            assert chosen in cli_train.MIXTURE_WEIGHTS
+            assert float(best["model"]["decoder.transition_mix"]) == chosen
+            assert f"transition mixture: chain weight {chosen} in" in out
 
 
 def test_demo_small(tmp_path, capsys):

@@ -122,6 +122,19 @@ class OneRecConfig:
     # weights learned that leak at once (Sports, session 12: 0.0249 against 0.0396 Recall@10). The ``small``
     # training recipe turns it on (Sports, 3 seeds: 0.0456 / 0.0249 Recall/NDCG@10 against 0.0396 / 0.0208).
     transition_prior: bool = False
+    # With transitions, generation ranks items by a mixture of the network and a first-order Markov chain over
+    # items read from the same training counts: P(i) = (1 - w) P_net(i) + w P_chain(i), where P_chain(i) is
+    # the share of the training successors of the user's transition_window newest items that were i (w = 0
+    # for a user whose recent items were never followed in training). The beam ranks every prefix by its
+    # mixture probability (both parts sum over a prefix's items), so an item the chain makes likely is found
+    # even where its coarse codes are unlikely under the network: a rarely seen target. w is a buffer
+    # (``OneRec.set_transition_mixture``, 0.5 until set), chosen on the validation split by ``onerec-fast
+    # train`` (by the ranking metric: by likelihood about 0.05 would win, since most targets get nothing
+    # from the chain). The network trains as without it. Why: the network's learned prior lifts a pair seen
+    # once by about 1.2 nats over the four levels, less than the popular items' lead, so rare successors stay
+    # out of the beam. Sports, 3 seeds through the CLI: test Recall/NDCG@10 0.0532 / 0.0305 against the
+    # SASRec-style 0.0472 / 0.0228; seed 0 without the chain 0.0459 / 0.0244 (docs/ARCHITECTURE.md).
+    transition_mixture: bool = False
     backend: str = "auto"  # passed to MoELayer and QFormer ("reference" = plain PyTorch everywhere)
 
     def __post_init__(self) -> None:
@@ -142,6 +155,8 @@ class OneRecConfig:
             raise ValueError("transition_window needs node_heads (its biases are per trie node)")
         if self.transition_prior and not self.transition_window:
             raise ValueError("transition_prior needs transition_window (it adds to the transition biases)")
+        if self.transition_mixture and not self.transition_window:
+            raise ValueError("transition_mixture needs transition_window (its chain reads the transition counts)")
         for name in ("short_len", "pos_len", "lifelong_len", "num_queries", "qformer_blocks", "enc_layers", "dec_layers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

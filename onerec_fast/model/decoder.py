@@ -54,6 +54,11 @@ class DecodeState:
     self_kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer, k/v [B, beam, H, t, Dh]
     newest: torch.Tensor | None = None  # [B, d] added to BOS (cfg.bos_newest_item), else None
     recent: torch.Tensor | None = None  # int64 [B, cfg.transition_window] newest item ids (EncoderOutput.recent)
+    # cfg.transition_mixture: each user's number of chain successors [B], each beam's log P_net(prefix)
+    # [B, nb] and the network's conditionals of the last step [B, nb, V] (OneRecDecoder.mix_transitions)
+    chain_total: torch.Tensor | None = None
+    net_logp: torch.Tensor | None = None
+    net_lp: torch.Tensor | None = None
 
 
 class OneRecDecoder(nn.Module):
@@ -85,10 +90,13 @@ class OneRecDecoder(nn.Module):
             # node) pairs (transition_table); a bias each, zero at the start (the model without them).
             self.register_buffer("transition_keys", torch.zeros(cfg.transition_pairs, dtype=torch.int64))
             self.transition_bias = nn.Parameter(torch.zeros(cfg.transition_pairs))
-            if cfg.transition_prior:
-                # occurrences of each pair and of its recent item (TransitionTable.counts); a and b per level
+            if cfg.transition_prior or cfg.transition_mixture:
+                # occurrences of each pair and of its recent item (TransitionTable.counts)
                 self.register_buffer("transition_counts", torch.zeros(cfg.transition_pairs, 2))
+            if cfg.transition_prior:  # a and b per level
                 self.transition_weights = nn.ParameterList(nn.Parameter(torch.zeros(2)) for _ in cfg.trie_nodes)
+            if cfg.transition_mixture:  # the chain's weight w in generation (OneRec.set_transition_mixture)
+                self.register_buffer("transition_mix", torch.tensor(0.5))
             self.register_buffer("node_offsets", torch.tensor([0, *cfg.trie_nodes], dtype=torch.int64).cumsum(0),
                                  persistent=False)
 
@@ -147,13 +155,9 @@ class OneRecDecoder(nn.Module):
         training row (``own: int64 [R]``, its target's depth-(t+1) node) first takes its own occurrences out: one
         per window slot holding the item, from ``n`` always and from ``c`` where the child is ``own``; a pair left
         with ``c = 0`` adds its bias alone. One binary search per pair into the sorted keys, no host sync."""
-        keys = self.transition_keys
-        if keys.numel() == 0:
+        if self.transition_keys.numel() == 0:
             return children.new_zeros(children.shape, dtype=torch.float32)
-        total = self.node_offsets[-1]
-        key = recent[:, :, None] * total + self.node_offsets[t] + children[:, None, :]  # [R, W, K]
-        pos = torch.searchsorted(keys, key).clamp_max(keys.numel() - 1)
-        hit = (keys[pos] == key) & (recent[:, :, None] >= 0)
+        pos, hit = self._find_pairs(t, children, recent)
         bias = self.transition_bias[pos]
         if self.cfg.transition_prior:
             counts = self.transition_counts[pos]  # [R, W, K, 2]
@@ -165,6 +169,59 @@ class OneRecDecoder(nn.Module):
             a, b = self.transition_weights[t].unbind()
             bias = bias + torch.where(pair > 0, a * pair.clamp_min(0).log1p() + b * item.clamp_min(0).log1p(), 0.0)
         return torch.where(hit, bias, 0.0).sum(1)
+
+    def _find_pairs(self, t: int, children: torch.Tensor, recent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(pos, hit)``, int64 and bool ``[R, W, K]``: where the pair (``recent[r, w]``, depth-(t+1) node
+        ``children[r, k]``) sits in the sorted transition keys, and whether it is there (False for a recent
+        slot of -1). One binary search per pair; the keys must not be empty."""
+        keys = self.transition_keys
+        key = recent[:, :, None] * self.node_offsets[-1] + self.node_offsets[t] + children[:, None, :]
+        pos = torch.searchsorted(keys, key).clamp_max(keys.numel() - 1)
+        return pos, (keys[pos] == key) & (recent[:, :, None] >= 0)
+
+    def transition_successors(self, t: int, children: torch.Tensor, recent: torch.Tensor) -> torch.Tensor:
+        """fp32 ``[R, K]``: how often a training target on the path of each depth-(t+1) node ``children: int64
+        [R, K]`` followed one of the row's ``recent: int64 [R, W]`` items within the window, summed over the
+        window (the Markov chain of ``cfg.transition_mixture``; at t = 0 over all depth-1 nodes, the row's
+        total number of successors)."""
+        if self.transition_keys.numel() == 0:
+            return children.new_zeros(children.shape, dtype=torch.float32)
+        pos, hit = self._find_pairs(t, children, recent)
+        return torch.where(hit, self.transition_counts[pos, 0], 0.0).sum(1)
+
+    def mix_transitions(self, state: DecodeState, t: int, logits: torch.Tensor, children: tuple[torch.Tensor, torch.Tensor],
+                        recent: torch.Tensor, parents: torch.Tensor | None, token: torch.Tensor | None) -> torch.Tensor:
+        """``cfg.transition_mixture`` in generation: from the network's level-t logits ``[B, nb, V]`` (nb = 1 at
+        t = 0, else beam) of each beam's prefix, the log-probability ``[B, nb, V]`` of each valid child under
+        the mixture (1 - w) P_net + w P_chain, given the prefix: ``log m(prefix + v) - log m(prefix)`` with
+        ``m`` the mixture's probability of a prefix (its items' sum under either part), -inf for codes that
+        are no child. The beam's running score then sums to ``log m`` of the whole path. ``children``: as
+        :meth:`head_logits` (``[B * nb, K]``); ``parents``/``token``: as :meth:`step`. Keeps each beam's
+        ``log P_net(prefix)`` and the network's conditionals in ``state``."""
+        B, nb, V = logits.shape
+        ids, tokens = children
+        ok = ids >= 0
+        col = torch.where(ok, tokens, V)  # padding lands in a spare column, dropped
+        valid = torch.zeros(B * nb, V + 1, dtype=torch.bool, device=logits.device).scatter_(1, col, True)[:, :V]
+        lp = logits.masked_fill(~valid.view(B, nb, V), float("-inf")).log_softmax(-1)  # the network's, per prefix
+        succ = torch.where(ok, self.transition_successors(t, ids.clamp_min(0), recent), 0.0)
+        succ = logits.new_zeros(B * nb, V + 1).scatter_add_(1, col, succ)[:, :V].view(B, nb, V)
+        if t == 0:
+            state.chain_total = succ.sum(-1)[:, 0]  # [B]: every depth-1 node is a child of the root
+            net = logits.new_zeros(B, nb)
+        else:
+            p = parents.clamp_min(0)
+            prev_net, prev_lp = state.net_logp.expand(B, p.shape[1]), state.net_lp.expand(B, p.shape[1], -1)
+            net = prev_net.gather(1, p) + prev_lp.gather(1, p[..., None].expand(-1, -1, prev_lp.shape[-1])
+                                                            ).gather(2, token[..., None])[..., 0]
+        state.net_logp, state.net_lp = net, lp
+        total = state.chain_total[:, None]
+        w = torch.where(total > 0, self.transition_mix, 0.0)  # [B, 1]: no chain for a user without successors
+        chain = succ / total.clamp_min(1.0)[..., None]  # P_chain of each child
+        log_w, log_net_w = w.log(), torch.log1p(-w)
+        child = torch.logaddexp((log_net_w + net)[..., None] + lp, log_w[..., None] + chain.log())
+        prefix = torch.logaddexp(log_net_w + net, log_w + chain.sum(-1).log())
+        return torch.where(torch.isfinite(prefix)[..., None], child - prefix[..., None], float("-inf"))
 
     def newest_item_state(self, enc: EncoderOutput) -> torch.Tensor | None:
         """``[B, d]``: what BOS adds with ``cfg.bos_newest_item``, the encoder state of each user's newest item
@@ -278,6 +335,8 @@ class OneRecDecoder(nn.Module):
         children = trie.child_nodes(t, nodes.reshape(-1)) if self.cfg.node_heads else None
         recent = state.recent.repeat_interleave(nb, 0) if state.recent is not None else None  # [B * nb, W]
         logits = self.head_logits(t, self.norm(x).reshape(B * nb, -1), children, recent).view(B, nb, -1)
+        if self.cfg.transition_mixture:
+            logits = self.mix_transitions(state, t, logits, children, recent, parents, token)
         return logits.expand(B, beam, -1) if nb == 1 else logits
 
     def step_flops(self, batch_size: int, beam: int, t: int, enc_lens: list[int]) -> float:

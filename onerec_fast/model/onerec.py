@@ -173,10 +173,21 @@ class OneRec(nn.Module):
         with torch.no_grad():
             dec.transition_keys.copy_(keys)
             dec.transition_bias.zero_()
-            if self.cfg.transition_prior:
+            if self.cfg.transition_prior or self.cfg.transition_mixture:
                 dec.transition_counts.copy_(counts)
+            if self.cfg.transition_prior:
                 for w in dec.transition_weights:
                     w.zero_()
+
+    def set_transition_mixture(self, weight: float) -> None:
+        """The Markov chain's weight ``w`` in generation (``cfg.transition_mixture``): items are ranked by
+        ``(1 - w) P_net + w P_chain``; 0 is the network alone. ``onerec-fast train`` chooses it on the
+        validation split and stores it in ``best.pt``."""
+        if not self.cfg.transition_mixture:
+            raise ValueError("set_transition_mixture: this model has no transition mixture (cfg.transition_mixture)")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0.0 <= weight < 1.0:
+            raise ValueError(f"transition mixture weight must be a number in [0, 1), got {weight!r}")
+        self.decoder.transition_mix.fill_(float(weight))
 
     def _drop_catalogue_caches(self) -> None:
         """A new catalogue (or loaded weights): the tries and the decode graphs that read them are stale."""

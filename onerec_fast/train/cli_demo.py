@@ -60,7 +60,7 @@ def run(args) -> int:
     from onerec_fast.train.checkpoint import load_checkpoint
     from onerec_fast.train.cli_common import resolve_device
     from onerec_fast.train.cli_generate import show_recommendations
-    from onerec_fast.train.cli_train import apply_recipe, build_trainer
+    from onerec_fast.train.cli_train import apply_recipe, build_trainer, choose_transition_mixture
     from onerec_fast.train.evaluate import evaluate_all, format_table
     from onerec_fast.train.pipeline import prepare
     from onerec_fast.train.pretrain import plot_metrics
@@ -81,7 +81,7 @@ def run(args) -> int:
     print(loaded[0].summary())
     targs = argparse.Namespace(data="synthetic", recipe="auto", seed=args.seed, preset=None, code_levels=None,
                                pos_len=None, lifelong_len=None, dropout=None, attn_dropout=None,
-                               transition_window=None, transition_prior=None,
+                               transition_window=None, transition_prior=None, transition_mixture=None, time_budget=0.0,
                                steps=steps,
                                batch_size=batch, lr=None, warmup=None,
                                weight_decay=None, grad_clip=1.0, eval_every=None, patience=None, eval_users=None,
@@ -105,6 +105,10 @@ def run(args) -> int:
     if trainer.best_path is not None and trainer.best_path.exists():
         m.load_state_dict(load_checkpoint(trainer.best_path)["model"])
         print(f"evaluating {trainer.best_path} (best validation NDCG@10, step {trainer.selection['best_step']})")
+        chosen = choose_transition_mixture(trainer)
+        if chosen:
+            m.set_transition_mixture(chosen[0])
+            print(chosen[1])
     banner(4, f"constrained generation (beam {beam}) and leave-one-out metrics vs baselines")
     results = evaluate_all(m, prepared.datasets["test"], prepared.log, beam_size=beam, batch_size=64, device=device,
                            sasrec_cfg=SASRecConfig(epochs=sas_epochs))

@@ -45,7 +45,9 @@ def run(args) -> int:
     device = resolve_device(args.device, args.threads)
     model, log, _, ds, path, meta = load_run(args.checkpoint, args.data, splits=(args.split,), with_source=True)
     test = ds[args.split]
-    print(f"{path}: {args.split} split, {len(test)} users; beam {args.beam}; {model.item_codes.shape[0]} items")
+    mixture = (f"; generation mixes in the transition chain at weight {float(model.decoder.transition_mix):g}"
+               if model.cfg.transition_mixture else "")
+    print(f"{path}: {args.split} split, {len(test)} users; beam {args.beam}; {model.item_codes.shape[0]} items{mixture}")
     if args.no_baselines:
         results = {"OneRec": evaluate_onerec(model, test, beam_size=args.beam, batch_size=args.batch_size,
                                              device=device)}
