@@ -358,7 +358,8 @@ def test_transition_mixture_generation_is_the_exact_mixture(world):
     """With ``transition_mixture`` the beam returns the items of the mixture ``(1 - w) P_net + w P_chain``, best
     first, with their log-probabilities: brute-forced over the whole catalogue (P_net teacher-forced with the
     trie-normalized softmax; P_chain from the training transitions at the item depth) with a beam that keeps
-    every prefix. w = 0 is the network alone, and a user whose recent items have no successor gets it too."""
+    every prefix. w = 0 is the network alone, and a user whose recent items have no successor (user 0, whose
+    items' counts are zeroed here) gets it too."""
     log, codes, ds, test = world
     model = _transition_model(ds, codes, "cpu", window=3, transition_prior=True, transition_mixture=True,
                               dropout=0.0).eval()
@@ -375,6 +376,13 @@ def test_transition_mixture_generation_is_the_exact_mixture(world):
     rows = list(range(len(test)))[:10]
     b = batch_of(test, rows)
     enc = model.encode(b)
+    lonely = sorted(set(enc.recent[0].tolist()) - {-1})
+    with torch.no_grad():
+        dec.transition_counts[torch.isin(dec.transition_keys // offsets[-1], torch.tensor(lonely))] = 0.0
+    for key in [k for k in pairs if k // offsets[-1] in lonely]:
+        pairs[key] = 0
+    for j in lonely:
+        items[j] = 0
     I, L = codes.shape
     flat = codes.repeat(len(rows), 1)
     enc_all = enc.map_tensors(lambda x: x.repeat_interleave(I, dim=0))
@@ -389,7 +397,7 @@ def test_transition_mixture_generation_is_the_exact_mixture(world):
             total[r] += items[j]
             for i in range(I):
                 chain[r, i] += pairs[j * offsets[-1] + offsets[L - 1] + int(paths[i, L - 1])]
-    assert bool((total > 0).any())
+    assert total[0] == 0 and bool((total > 0).any())
     chain = chain / total.clamp_min(1)[:, None]
     assert torch.allclose(chain[total > 0].sum(1), torch.ones(int((total > 0).sum()), dtype=torch.float64))
     beam, k = max(cfg.trie_nodes), 12
@@ -404,6 +412,10 @@ def test_transition_mixture_generation_is_the_exact_mixture(world):
         assert torch.allclose(out.scores.double(), top.values, atol=1e-4), w
         changed |= w > 0 and not torch.equal(top.indices, net.topk(k, dim=1).indices)
     assert changed  # the chain moves some user's ranking
+    # the decoder hands the search proper conditionals: each prefix's children sum to 1 under the mixture
+    with torch.no_grad():
+        first = dec.step(dec.start(enc), 0, None, None, beam, None, model.decoder_trie(flat.device))
+    torch.testing.assert_close(first.logsumexp(-1), torch.zeros(len(rows), beam), atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="transition mixture weight"):
         model.set_transition_mixture(1.0)
     with pytest.raises(ValueError, match="no transition mixture"):

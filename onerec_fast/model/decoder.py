@@ -215,11 +215,11 @@ class OneRecDecoder(nn.Module):
             net = prev_net.gather(1, p) + prev_lp.gather(1, p[..., None].expand(-1, -1, prev_lp.shape[-1])
                                                             ).gather(2, token[..., None])[..., 0]
         state.net_logp, state.net_lp = net, lp
-        total = state.chain_total[:, None]
-        w = torch.where(total > 0, self.transition_mix, 0.0)  # [B, 1]: no chain for a user without successors
-        chain = succ / total.clamp_min(1.0)[..., None]  # P_chain of each child
-        log_w, log_net_w = w.log(), torch.log1p(-w)
-        child = torch.logaddexp((log_net_w + net)[..., None] + lp, log_w[..., None] + chain.log())
+        # P_chain of each child; all 0 for a user whose recent items have no successor, whose conditionals then
+        # come out as the network's alone (the (1 - w) cancels between child and prefix)
+        chain = succ / state.chain_total.clamp_min(1.0)[:, None, None]
+        log_w, log_net_w = self.transition_mix.log(), torch.log1p(-self.transition_mix)
+        child = torch.logaddexp((log_net_w + net)[..., None] + lp, log_w + chain.log())
         prefix = torch.logaddexp(log_net_w + net, log_w + chain.sum(-1).log())
         return torch.where(torch.isfinite(prefix)[..., None], child - prefix[..., None], float("-inf"))
 
