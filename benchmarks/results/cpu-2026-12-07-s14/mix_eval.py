@@ -1,6 +1,7 @@
 import collections, numpy as np, torch, sys, math
 d = torch.load(sys.argv[1])
 W = int(sys.argv[2]) if len(sys.argv) > 2 else 3
+GAMMA = float(sys.argv[3]) if len(sys.argv) > 3 else 1.0  # window slot k (0 = newest) weighs GAMMA ** k
 li, off = d["log_item"].numpy(), d["offsets"].numpy()
 fwd = collections.defaultdict(collections.Counter); cnt = collections.Counter()
 for u in range(len(off) - 1):
@@ -15,10 +16,11 @@ for split in ("valid", "test"):
     s = d[split]; res = collections.defaultdict(lambda: collections.Counter())
     for r in range(len(s["users"])):
         u, p, t = int(s["users"][r]), int(s["pos"][r]), int(s["targets"][r])
-        recent = li[off[u]:off[u] + p][-W:]
-        pm = collections.Counter(); n = sum(nsum.get(i, 0) for i in recent)
-        for i in recent:
-            for j, c in fwd[i].items(): pm[j] += c / n
+        recent = list(li[off[u]:off[u] + p][-W:])[::-1]  # newest first
+        a = [GAMMA ** k for k in range(len(recent))]
+        pm = collections.Counter(); n = sum(ak * nsum.get(i, 0) for ak, i in zip(a, recent))
+        for ak, i in zip(a, recent):
+            for j, c in fwd[i].items(): pm[j] += ak * c / n
         nn = {int(j): float(v) for j, v in zip(s["items"][r], s["scores"][r]) if j >= 0}
         b = bucket(cnt[t])
         for lam in (1.0, 0.9, 0.8, 0.7, 0.5, 0.0):
