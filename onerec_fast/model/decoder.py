@@ -126,12 +126,14 @@ class OneRecDecoder(nn.Module):
         return x + self.pos_emb[t]
 
     def head_logits(self, t: int, h: torch.Tensor, children: tuple[torch.Tensor, torch.Tensor] | None = None,
-                    recent: torch.Tensor | None = None, own: torch.Tensor | None = None) -> torch.Tensor:
+                    recent: torch.Tensor | None = None, own: torch.Tensor | None = None,
+                    pairs: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """Level-``t`` logits ``[R, V_t]`` of final hidden states ``h: [R, d]``. With node heads, ``children``
         is ``trie.child_nodes(t, nodes)`` of each row's depth-t prefix (ids and tokens ``[R, K]``): each child's
         vector and bias are added to its code's logit (fp32); with ``cfg.transition_window``, also the
         transition biases of the row's ``recent: int64 [R, W]`` item ids (-1: none) with each child. ``own:
-        int64 [R]``: a training row's target node at depth t + 1, whose occurrences the prior leaves out."""
+        int64 [R]``: a training row's target node at depth t + 1, whose occurrences the prior leaves out.
+        ``pairs``: :meth:`_find_pairs` of these children, where the caller already looked them up."""
         logits = self.heads[t](h)
         if not self.cfg.node_heads:
             return logits
@@ -142,22 +144,24 @@ class OneRecDecoder(nn.Module):
         if self.node_bias is not None:
             s = s + self.node_bias[t][safe]
         if self.cfg.transition_window:
-            s = s + self.transition_logits(t, safe, recent, own)
+            s = s + self.transition_logits(t, safe, recent, own, pairs)
         col = torch.where(ok, tokens, logits.shape[-1])  # padding lands in a spare column, dropped
         out = torch.cat([logits.float(), logits.new_zeros(logits.shape[0], 1, dtype=torch.float32)], dim=1)
         return out.scatter_add(1, col, torch.where(ok, s, 0.0))[:, :-1]
 
     def transition_logits(self, t: int, children: torch.Tensor, recent: torch.Tensor,
-                          own: torch.Tensor | None = None) -> torch.Tensor:
+                          own: torch.Tensor | None = None,
+                          pairs: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """fp32 ``[R, K]``: the sum over each row's ``recent: int64 [R, W]`` items (-1: none) of the bias of the pair
         (item, child) for the depth-(t+1) nodes ``children: int64 [R, K]``; 0 for pairs never seen in training.
         With ``cfg.transition_prior`` a seen pair adds ``a_t log(1 + c) + b_t log(1 + n)`` of its counts, where a
         training row (``own: int64 [R]``, its target's depth-(t+1) node) first takes its own occurrences out: one
         per window slot holding the item, from ``n`` always and from ``c`` where the child is ``own``; a pair left
-        with ``c = 0`` adds its bias alone. One binary search per pair into the sorted keys, no host sync."""
+        with ``c = 0`` adds its bias alone. One binary search per pair into the sorted keys (``pairs``: already
+        searched, :meth:`_find_pairs`), no host sync."""
         if self.transition_keys.numel() == 0:
             return children.new_zeros(children.shape, dtype=torch.float32)
-        pos, hit = self._find_pairs(t, children, recent)
+        pos, hit = self._find_pairs(t, children, recent) if pairs is None else pairs
         bias = self.transition_bias[pos]
         if self.cfg.transition_prior:
             counts = self.transition_counts[pos]  # [R, W, K, 2]
@@ -179,32 +183,29 @@ class OneRecDecoder(nn.Module):
         pos = torch.searchsorted(keys, key).clamp_max(keys.numel() - 1)
         return pos, (keys[pos] == key) & (recent[:, :, None] >= 0)
 
-    def transition_successors(self, t: int, children: torch.Tensor, recent: torch.Tensor) -> torch.Tensor:
-        """fp32 ``[R, K]``: how often a training target on the path of each depth-(t+1) node ``children: int64
-        [R, K]`` followed one of the row's ``recent: int64 [R, W]`` items within the window, summed over the
-        window (the Markov chain of ``cfg.transition_mixture``; at t = 0 over all depth-1 nodes, the row's
-        total number of successors)."""
-        if self.transition_keys.numel() == 0:
-            return children.new_zeros(children.shape, dtype=torch.float32)
-        pos, hit = self._find_pairs(t, children, recent)
-        return torch.where(hit, self.transition_counts[pos, 0], 0.0).sum(1)
-
     def mix_transitions(self, state: DecodeState, t: int, logits: torch.Tensor, children: tuple[torch.Tensor, torch.Tensor],
-                        recent: torch.Tensor, parents: torch.Tensor | None, token: torch.Tensor | None) -> torch.Tensor:
+                        pairs: tuple[torch.Tensor, torch.Tensor] | None, parents: torch.Tensor | None,
+                        token: torch.Tensor | None) -> torch.Tensor:
         """``cfg.transition_mixture`` in generation: from the network's level-t logits ``[B, nb, V]`` (nb = 1 at
         t = 0, else beam) of each beam's prefix, the log-probability ``[B, nb, V]`` of each valid child under
         the mixture (1 - w) P_net + w P_chain, given the prefix: ``log m(prefix + v) - log m(prefix)`` with
         ``m`` the mixture's probability of a prefix (its items' sum under either part), -inf for codes that
         are no child. The beam's running score then sums to ``log m`` of the whole path. ``children``: as
-        :meth:`head_logits` (``[B * nb, K]``); ``parents``/``token``: as :meth:`step`. Keeps each beam's
-        ``log P_net(prefix)`` and the network's conditionals in ``state``."""
+        :meth:`head_logits` (``[B * nb, K]``); ``pairs``: :meth:`_find_pairs` of those children and the rows'
+        recent items (None without transition keys: no chain); ``parents``/``token``: as :meth:`step`. Keeps
+        each beam's ``log P_net(prefix)`` and the network's conditionals in ``state``. The chain counts how often
+        a training target under each child followed one of the row's recent items within the window, summed
+        over the window; at t = 0 (every depth-1 node a child) that sums to the row's successors."""
         B, nb, V = logits.shape
         ids, tokens = children
         ok = ids >= 0
         col = torch.where(ok, tokens, V)  # padding lands in a spare column, dropped
         valid = torch.zeros(B * nb, V + 1, dtype=torch.bool, device=logits.device).scatter_(1, col, True)[:, :V]
         lp = logits.masked_fill(~valid.view(B, nb, V), float("-inf")).log_softmax(-1)  # the network's, per prefix
-        succ = torch.where(ok, self.transition_successors(t, ids.clamp_min(0), recent), 0.0)
+        succ = logits.new_zeros(ids.shape)
+        if pairs is not None:
+            pos, hit = pairs
+            succ = torch.where(hit, self.transition_counts[pos, 0], 0.0).sum(1)  # padding: dropped by the scatter
         succ = logits.new_zeros(B * nb, V + 1).scatter_add_(1, col, succ)[:, :V].view(B, nb, V)
         if t == 0:
             state.chain_total = succ.sum(-1)[:, 0]  # [B]: every depth-1 node is a child of the root
@@ -334,9 +335,12 @@ class OneRecDecoder(nn.Module):
             return h.expand(B, beam, -1) if nb == 1 else h
         children = trie.child_nodes(t, nodes.reshape(-1)) if self.cfg.node_heads else None
         recent = state.recent.repeat_interleave(nb, 0) if state.recent is not None else None  # [B * nb, W]
-        logits = self.head_logits(t, self.norm(x).reshape(B * nb, -1), children, recent).view(B, nb, -1)
+        # the transition pairs are looked up once for the biases and the mixture's chain
+        pairs = (self._find_pairs(t, children[0].clamp_min(0), recent)
+                 if self.cfg.transition_mixture and self.transition_keys.numel() else None)
+        logits = self.head_logits(t, self.norm(x).reshape(B * nb, -1), children, recent, pairs=pairs).view(B, nb, -1)
         if self.cfg.transition_mixture:
-            logits = self.mix_transitions(state, t, logits, children, recent, parents, token)
+            logits = self.mix_transitions(state, t, logits, children, pairs, parents, token)
         return logits.expand(B, beam, -1) if nb == 1 else logits
 
     def step_flops(self, batch_size: int, beam: int, t: int, enc_lens: list[int]) -> float:

@@ -165,8 +165,9 @@ MIXTURE_WEIGHTS = (0.0, 0.25, 0.5, 0.75)
 def choose_transition_mixture(trainer) -> tuple[float, str] | None:
     """With ``cfg.transition_mixture`` and a ``best.pt`` picked on validation: ``best.pt``'s model (a plain copy
     loaded from the file, also where the trainer's model is sharded) evaluated by ``trainer.eval_fn`` (the same
-    validation users) at each chain weight of :data:`MIXTURE_WEIGHTS`; the best by ``cfg.select_metric`` (the
-    first of equals) is written into ``best.pt``. Returns ``(weight, line to print)``, None where there is
+    validation users) at each chain weight of :data:`MIXTURE_WEIGHTS` but the one it was selected at (the
+    selection's own result stands for it); the best by ``cfg.select_metric`` (the smallest of equals) is
+    written into ``best.pt``. Returns ``(weight, line to print)``, None where there is
     nothing to choose (no mixture, no validation, no best.pt, or not rank 0)."""
     import torch
 
@@ -180,17 +181,18 @@ def choose_transition_mixture(trainer) -> tuple[float, str] | None:
     ck = load_checkpoint(path)
     model = model_from_checkpoint(ck)
     metric = trainer.cfg.select_metric
-    found = {}
+    found = {float(model.decoder.transition_mix): float(ck["selection"]["best"])}
     for w in MIXTURE_WEIGHTS:
-        model.set_transition_mixture(w)
-        found[w] = float(trainer.eval_fn(model)[metric])
-    best = max(MIXTURE_WEIGHTS, key=found.__getitem__)
+        if w not in found:
+            model.set_transition_mixture(w)
+            found[w] = float(trainer.eval_fn(model)[metric])
+    best = max(sorted(found), key=found.__getitem__)
     ck["model"]["decoder.transition_mix"] = torch.tensor(float(best))
-    ck["selection"] = {**ck.get("selection", {}), "transition_mix": best,
-                       "transition_mix_valid": {str(w): v for w, v in found.items()}}
+    ck["selection"] = {**ck["selection"], "transition_mix": best,
+                       "transition_mix_valid": {str(w): found[w] for w in sorted(found)}}
     save_checkpoint(path, ck)
     return best, (f"transition mixture: chain weight {best} in {path} (validation {metric} "
-                  + ", ".join(f"{w}: {v:.4f}" for w, v in found.items()) + ")")
+                  + ", ".join(f"{w}: {found[w]:.4f}" for w in sorted(found)) + ")")
 
 
 def same_codes_as_rank0(prepared):
