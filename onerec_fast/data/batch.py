@@ -92,16 +92,17 @@ class JaggedItems:
         out[mask] = t
         return out, mask
 
-    def _map(self, fn) -> "JaggedItems":
+    def map_tensors(self, fn) -> "JaggedItems":
+        """``fn`` applied to every tensor (offsets, items, codes, features); ``max_len`` kept."""
         return replace(self, offsets=fn(self.offsets), item=fn(self.item), codes=fn(self.codes),
                        sparse={k: fn(v) for k, v in self.sparse.items()},
                        dense={k: fn(v) for k, v in self.dense.items()})
 
     def to(self, device, non_blocking: bool = False) -> "JaggedItems":
-        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+        return self.map_tensors(lambda t: t.to(device, non_blocking=non_blocking))
 
     def pin_memory(self) -> "JaggedItems":
-        return self._map(lambda t: t.pin_memory())
+        return self.map_tensors(lambda t: t.pin_memory())
 
 
 @dataclass
@@ -121,12 +122,14 @@ class UserBatch:
     def __len__(self) -> int:
         return self.user.numel()
 
-    def _map(self, fn) -> "UserBatch":
+    def map_tensors(self, fn) -> "UserBatch":
+        """``fn`` applied to every tensor, the pathways' included (a pathway is a ``JaggedItems`` or any
+        object with ``map_tensors``, e.g. the model's padded form)."""
         out = {}
         for f in fields(self):
             v = getattr(self, f.name)
-            if isinstance(v, JaggedItems):
-                out[f.name] = v._map(fn)
+            if hasattr(v, "map_tensors"):
+                out[f.name] = v.map_tensors(fn)
             elif isinstance(v, dict):
                 out[f.name] = {k: fn(t) for k, t in v.items()}
             else:
@@ -134,10 +137,10 @@ class UserBatch:
         return UserBatch(**out)
 
     def to(self, device, non_blocking: bool = False) -> "UserBatch":
-        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+        return self.map_tensors(lambda t: t.to(device, non_blocking=non_blocking))
 
     def pin_memory(self) -> "UserBatch":
-        return self._map(lambda t: t.pin_memory())
+        return self.map_tensors(lambda t: t.pin_memory())
 
 
 # --------------------------------------------------------------------------------------------- engagement rules

@@ -2,7 +2,8 @@
 
 * AdamW (no weight decay on biases, norms and other 1-D parameters), linear warmup then cosine decay to
   ``min_lr_ratio * lr``, gradient clipping by global norm, bf16 autocast on CUDA, the loss-free MoE expert
-  bias updated after every optimizer step.
+  bias updated after every optimizer step. With ``TrainConfig.cuda_graph`` on one GPU the whole step is
+  replayed from CUDA graphs, one per batch shape (:mod:`onerec_fast.train.graph_step`).
 * Data: :class:`EpochBatchSampler` draws batch ``j`` of epoch ``e`` from a permutation seeded by
   ``(seed, e)``, so the data position is just the number of batches consumed and a resumed run reads
   exactly the batches the uninterrupted run would have read.
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import itertools
 import json
 import math
@@ -37,7 +39,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from onerec_fast.model.encoder import seq_lengths
+from onerec_fast.model.layers import moe_layers
 from onerec_fast.train.checkpoint import checkpoint_path, load_training_state, save_checkpoint, save_training_state
+from onerec_fast.train.graph_step import StepGraphs, fixed_shape_batch
 from onerec_fast.train.parallel import (PARALLEL_MODES, ParallelModel, all_reduce_sum, broadcast_object,
                                         init_distributed, local_device)
 from onerec_fast.train.progress import ProgressBar
@@ -69,6 +74,10 @@ class TrainConfig:
     patience: int = 0  # stop after this many evaluations without a better select_metric (0: never stop early)
     select_metric: str = "ndcg@10"  # the eval_fn result that picks best.pt (higher is better)
     time_budget_s: float = 0.0  # stop (evaluate, save) after this much wall time in train() (0: no limit)
+    # replay the step from CUDA graphs, batches padded to fixed shapes (one CUDA process, no MoE layers; see
+    # graph_step.py). Off by default: the CLI's three-seed Sports run with it on was 6x slower per step than
+    # without (session 15, H100), a cause not yet confirmed on a GPU (benchmarks/RESULTS.md)
+    cuda_graph: bool = False
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "log_every"):
@@ -155,7 +164,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float, embedding_weight_d
 
 def _tokens(batch, model) -> int:
     """Real tokens a training step processes: items of every pathway + static + queries + L decoder tokens."""
-    n = sum(int(getattr(batch, p).offsets[-1]) for p in ("short", "positive", "lifelong"))
+    n = sum(int(seq_lengths(getattr(batch, p)).sum()) for p in ("short", "positive", "lifelong"))
     return n + len(batch) * (1 + model.cfg.num_queries + model.cfg.code_levels)
 
 
@@ -205,8 +214,16 @@ class Trainer:
         self.meta = meta or {}
         self.eval_fn = eval_fn
         fused = self.device.type == "cuda"
+        # MoE models run eagerly: capturing the tiny preset's step failed on an H100 in the backward that follows
+        # the MoE weights' autocast cast (MoELayer.forward; anomaly mode): "operation would make the legacy stream
+        # depend on a capturing blocking stream", i.e. work issued on the legacy stream (session 15, unexplained)
+        graphs = cfg.cuda_graph and fused and self.parallel.world_size == 1 and not moe_layers(model)
         self.opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.embedding_weight_decay), lr=cfg.lr,
-                                     betas=(cfg.beta1, cfg.beta2), fused=fused or None)
+                                     betas=(cfg.beta1, cfg.beta2), fused=fused or None, capturable=graphs)
+        # Under graphs the learning rate is a device tensor the captured AdamW reads (set before each step).
+        self._lr = torch.tensor(float(cfg.lr), device=self.device) if graphs else None
+        self._step_t = torch.zeros((), dtype=torch.int64, device=self.device)  # the step, for the non-finite flag
+        self._graphs = StepGraphs(self._step_body, self._graph_state, self.device) if graphs else None
         self.step = 0
         self.history: list[tuple[int, float]] = []
         self.metrics: list[dict] = []  # one row per logging window or evaluation
@@ -260,6 +277,8 @@ class Trainer:
                                  "the data order would differ")
 
         ck = load_training_state(path, self.model, self.opt, validate=same_data_order)
+        if self._graphs is not None:  # the optimizer's state tensors are new
+            self._graphs.clear()
         self.step = int(ck["schedule"]["step"])
         self.selection.update(ck.get("selection", {}))
         if self.out_dir is not None and self.parallel.is_main:
@@ -270,8 +289,14 @@ class Trainer:
         p = self.parallel
         sampler = EpochBatchSampler(len(self.dataset), self.cfg.batch_size, self.cfg.seed, start=self.step,
                                     rank=p.rank, world_size=p.world_size)
-        # batch_size=None: the sampler yields index lists and the dataset view builds whole batches (vectorized)
-        return torch.utils.data.DataLoader(_BatchView(self.dataset), sampler=sampler, batch_size=None,
+        # batch_size=None: the sampler yields index lists and the dataset view builds whole batches (vectorized),
+        # padded to fixed shapes for the graphs (straight into pinned memory without workers; workers cannot
+        # pin, the loader's pinning thread does)
+        mc = self.model.cfg
+        pad = None if self._graphs is None else functools.partial(fixed_shape_batch, short_len=mc.short_len,
+                                                                   pos_len=mc.pos_len,
+                                                                   pin_memory=self.cfg.num_workers == 0)
+        return torch.utils.data.DataLoader(_BatchView(self.dataset, pad), sampler=sampler, batch_size=None,
                                            collate_fn=_identity, num_workers=self.cfg.num_workers,
                                            pin_memory=self.device.type == "cuda")
 
@@ -285,27 +310,53 @@ class Trainer:
         return mfu(flops / self.parallel.world_size, seconds, peak=self._peak) if seconds > 0 else float("nan")
 
     def train_step(self, batch_cpu) -> torch.Tensor:
-        """One optimizer step on a CPU ``UserBatch`` (this rank's slice of the global batch); returns this
-        rank's (device) loss. A non-finite loss or gradient norm is recorded on the device (see the class
+        """One optimizer step on a CPU ``UserBatch`` (this rank's slice of the global batch; with CUDA graphs
+        pinned and padded by :func:`fixed_shape_batch`, as the Trainer's loader gives it); returns this rank's
+        (device) loss. A non-finite loss or gradient norm is recorded on the device (see the class
         docstring), not synced here."""
-        model, cfg = self.model, self.cfg
-        model.train()
-        batch = batch_cpu.to(self.device, non_blocking=True)
+        self.model.train()
+        lr = lr_at(self.step, self.cfg, self.horizon)
         for g in self.opt.param_groups:
-            g["lr"] = lr_at(self.step, cfg, self.horizon)
+            g["lr"] = lr if self._lr is None else self._lr
+        if self._lr is not None:
+            self._lr.fill_(lr)
+        self._step_t.fill_(self.step)
+        out = None if self._graphs is None else self._graphs(batch_cpu)
+        if out is None:
+            out = self._step_body(batch_cpu.to(self.device, non_blocking=True))
+            self.opt.zero_grad(set_to_none=True)  # no gradient memory held between eager steps
+        loss, self._grad_norm = out
+        self.step += 1
+        return loss.clone()  # a graph's output is overwritten by its next replay
+
+    def _step_body(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward, backward, clipping, the non-finite flag, the optimizer step and the MoE bias update on a
+        device batch, without a host sync (so it can be captured); leaves the gradients in place. Returns the
+        loss and the gradient norm."""
+        cfg = self.cfg
+        # Gradients start unset, so backward assigns rather than accumulates: into fresh memory in a capture
+        # (not into another graph's gradients, which the parameters still point at after its replay), and in
+        # an eager step after a replay (not onto that graph's last gradients).
+        self.opt.zero_grad(set_to_none=True)
         amp = self.device.type == "cuda" and cfg.amp
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp):
+        # no autocast weight cache under graphs: a capture must not keep casts made outside it
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp, cache_enabled=self._graphs is None):
             loss = self.parallel(_loss, batch)
         loss.backward()
-        self._grad_norm = self.parallel.clip_grad_norm_(cfg.grad_clip)
-        bad = ~(torch.isfinite(loss.detach()) & torch.isfinite(self._grad_norm))
-        self._bad_step = torch.where(bad & (self._bad_step == _NONE), self.step, self._bad_step)
+        grad_norm = self.parallel.clip_grad_norm_(cfg.grad_clip)
+        bad = ~(torch.isfinite(loss.detach()) & torch.isfinite(grad_norm))
+        self._bad_step.copy_(torch.where(bad & (self._bad_step == _NONE), self._step_t, self._bad_step))
         self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
         self.parallel.sync_expert_load()
-        model.update_expert_bias()
-        self.step += 1
-        return loss.detach()
+        self.model.update_expert_bias()
+        return loss.detach(), grad_norm
+
+    def _graph_state(self) -> tuple:
+        """What the step's graphs read by address besides the batch (see ``StepGraphs``): the catalogue's trie,
+        the parameters and buffers."""
+        m = self.model
+        trie = m.trie(self.device) if m.cfg.trie_loss or m.cfg.node_heads else None
+        return (trie, *(t.data_ptr() for t in itertools.chain(m.parameters(), m.buffers())))
 
     def _check_finite(self) -> None:
         """Raise :class:`NonFiniteTrainingError` if a step so far had a non-finite loss or gradient norm, on any
@@ -457,18 +508,20 @@ class _BatchView(torch.utils.data.Dataset):
     """Index lists -> whole ``UserBatch`` es: through the dataset's vectorized ``batch`` (a
     ``UserSequenceDataset``, or a ``Subset`` of one), else per-sample items and ``collate_user_batch``."""
 
-    def __init__(self, dataset):
+    def __init__(self, dataset, transform: Callable | None = None):
         base, index = dataset, None
         if isinstance(dataset, torch.utils.data.Subset):
             base, index = dataset.dataset, np.asarray(dataset.indices, dtype=np.int64)
-        self.dataset, self.base, self.index = dataset, base, index
+        self.dataset, self.base, self.index, self.transform = dataset, base, index, transform
 
     def __getitem__(self, indices: list[int]):
         from onerec_fast.data.batch import collate_user_batch
 
         if hasattr(self.base, "batch"):
-            return self.base.batch(indices if self.index is None else self.index[indices])
-        return collate_user_batch([self.dataset[i] for i in indices])
+            batch = self.base.batch(indices if self.index is None else self.index[indices])
+        else:
+            batch = collate_user_batch([self.dataset[i] for i in indices])
+        return batch if self.transform is None else self.transform(batch)
 
     def __len__(self) -> int:
         return len(self.dataset)
