@@ -72,6 +72,23 @@ def test_no_graphs_on_the_cpu(world):
     assert t.step == 2
 
 
+def test_resume_takes_this_runs_capturable_setting(world, tmp_path):
+    """A checkpoint written by a graphed run (AdamW groups with capturable=True) resumes in an eager CPU run, whose
+    AdamW would refuse capturable=True on CPU parameters; and vice versa a capture needs capturable=True."""
+    _, codes, ds, _ = world
+    cfg = TrainConfig(steps=4, batch_size=4, log_every=2)
+    first = Trainer(make_model(ds, codes), ds, cfg, out_dir=tmp_path, show_progress=False)
+    first.train(steps=2)
+    for g in first.opt.param_groups:
+        g["capturable"] = True  # as a graphed GPU run saves them
+    first.save()
+    resumed = Trainer(make_model(ds, codes), ds, cfg, show_progress=False)
+    resumed.resume(tmp_path / "checkpoint.pt")
+    assert not any(g["capturable"] for g in resumed.opt.param_groups)
+    resumed.train()
+    assert resumed.step == 4
+
+
 def _gpu_trainer(ds, codes, cuda_graph: bool, **cfg) -> Trainer:
     # no dropout: the two runs draw no random numbers; dense FFNs (MoE models train eagerly)
     model = make_model(ds, codes, backend="auto", dropout=0.0, dec_moe_experts=0)
@@ -80,12 +97,12 @@ def _gpu_trainer(ds, codes, cuda_graph: bool, **cfg) -> Trainer:
 
 
 @cuda
-def test_moe_models_train_eagerly(world):
-    """Until the MoE backward captures (see Trainer.__init__), a model with MoE layers gets no graphs."""
+def test_moe_models_train_eagerly(world, caplog):
+    """Until the MoE backward captures (see Trainer.__init__), a model with MoE layers gets no graphs, and says so."""
     _, codes, ds, _ = world
     t = Trainer(make_model(ds, codes, backend="auto"), ds, TrainConfig(steps=2, batch_size=4, cuda_graph=True),
                 device="cuda", show_progress=False)
-    assert t._graphs is None
+    assert t._graphs is None and "cuda_graph ignored (the model has MoE layers)" in caplog.text
     t.train()
     assert t.step == 2
 

@@ -29,6 +29,7 @@ import dataclasses
 import functools
 import itertools
 import json
+import logging
 import math
 import os
 import time
@@ -216,8 +217,14 @@ class Trainer:
         fused = self.device.type == "cuda"
         # MoE models run eagerly: capturing the tiny preset's step failed on an H100 in the backward that follows
         # the MoE weights' autocast cast (MoELayer.forward; anomaly mode): "operation would make the legacy stream
-        # depend on a capturing blocking stream", i.e. work issued on the legacy stream (session 15, unexplained)
+        # depend on a capturing blocking stream" (session 15). Likely cause, unconfirmed: the layer's record of its
+        # last forward keeps that forward's autograd graph alive, so the weights' gradient accumulators made in an
+        # eager step (on the legacy stream) serve the capture, whose backward then syncs the legacy stream with it
         graphs = cfg.cuda_graph and fused and self.parallel.world_size == 1 and not moe_layers(model)
+        if cfg.cuda_graph and fused and not graphs:  # asked for and not given: never silent
+            why = "the model has MoE layers" if moe_layers(model) else "more than one process"
+            logging.getLogger("onerec_fast").warning("onerec_fast: cuda_graph ignored (%s): every step runs eagerly",
+                                                     why)
         self.opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.embedding_weight_decay), lr=cfg.lr,
                                      betas=(cfg.beta1, cfg.beta2), fused=fused or None, capturable=graphs)
         # Under graphs the learning rate is a device tensor the captured AdamW reads (set before each step).
@@ -277,6 +284,8 @@ class Trainer:
                                  "the data order would differ")
 
         ck = load_training_state(path, self.model, self.opt, validate=same_data_order)
+        for g in self.opt.param_groups:  # the saved groups carry the writer's setting, which this run may not share
+            g["capturable"] = self._graphs is not None
         if self._graphs is not None:  # the optimizer's state tensors are new
             self._graphs.clear()
         self.step = int(ck["schedule"]["step"])
