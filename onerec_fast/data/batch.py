@@ -28,7 +28,8 @@ API NOTE (stable names; B users in a batch, T = total items of one pathway over 
 * ``dense``:   ``{name: float32 [T]}`` ``"timestamp"`` = days between the interaction and the target (>= 0),
                                        continuous engagement (playtime, watch_ratio...) and item features (duration...)
 * ``max_len``: python int, the longest segment (known on the host, so kernels need no device sync)
-* helpers: ``lengths()`` -> int64 ``[B]``; ``padded(t, pad)`` -> ``[B, max_len, ...]`` and a bool mask ``[B, max_len]``
+* helpers: ``lengths()`` -> int64 ``[B]``; ``padded(t, pad, slots)`` -> ``[B, slots, ...]`` (default ``max_len``) and a
+  bool mask ``[B, slots]``, for host tensors
 
 Building them::
 
@@ -83,14 +84,30 @@ class JaggedItems:
         """int64 ``[B]``: rows per user."""
         return (self.offsets[1:] - self.offsets[:-1]).long()
 
-    def padded(self, t: torch.Tensor, pad=0) -> tuple[torch.Tensor, torch.Tensor]:
-        """``t: [T, ...]`` -> (``[B, max_len, ...]`` with ``pad`` past each user's end, mask bool ``[B, max_len]``)."""
-        lens = self.lengths()
-        b = lens.numel()
-        mask = torch.arange(self.max_len, device=t.device)[None, :] < lens[:, None]
-        out = t.new_full((b, self.max_len) + tuple(t.shape[1:]), pad)
-        out[mask] = t
-        return out, mask
+    def padded(self, t: torch.Tensor, pad=0, slots: int | None = None,
+               pin_memory: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Host ``t: [T, ...]`` -> (``[B, slots, ...]`` with ``pad`` past each user's end, mask bool ``[B, slots]``);
+        ``slots`` defaults to ``max_len``; the values in pinned memory with ``pin_memory``. One numpy gather and no
+        parallel torch CPU op: the CUDA-graph trainer pads every batch, and three training processes on one 16-core
+        host ran 6x slower per step while its padding was torch ops (session 15; the suspected cause, 16 OpenMP
+        threads per process). Raises ValueError if a user has more than ``slots`` rows."""
+        if t.device.type != "cpu" or self.offsets.device.type != "cpu":
+            raise ValueError(f"JaggedItems.padded pads host tensors; got t on {t.device}, offsets on "
+                             f"{self.offsets.device}")
+        slots = self.max_len if slots is None else slots
+        offsets = self.offsets.numpy().astype(np.int64)
+        lengths = np.diff(offsets)
+        if lengths.size and int(lengths.max()) > slots:
+            raise ValueError(f"a user has {int(lengths.max())} items, more than the {slots} padded slots")
+        mask = np.arange(slots)[None, :] < lengths[:, None]
+        out = torch.empty((lengths.size, slots, *t.shape[1:]), dtype=t.dtype, pin_memory=pin_memory)
+        a, o = t.numpy(), out.numpy()
+        if a.shape[0] == 0:  # no rows anywhere in the batch
+            o[...] = pad
+        else:
+            np.take(a, np.minimum(offsets[:-1, None] + np.arange(slots)[None, :], a.shape[0] - 1), axis=0, out=o)
+            o[~mask] = pad
+        return out, torch.from_numpy(mask)
 
     def map_tensors(self, fn) -> "JaggedItems":
         """``fn`` applied to every tensor (offsets, items, codes, features); ``max_len`` kept."""

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -48,34 +47,13 @@ class PaddedItems:
 
     @classmethod
     def from_jagged(cls, seq, slots: int, pin_memory: bool = False) -> "PaddedItems":
-        """A jagged host pathway (``offsets [B+1]``, values ``[T, ...]``, CPU tensors) in ``slots`` padded slots
-        per user: values ``[B, slots, ...]`` with zeros (item 0, code 0: valid indices) past each user's end,
-        in pinned memory with ``pin_memory``. Built with numpy, one gather per tensor, no parallel torch CPU op:
-        the trainer pads every batch, and three training processes on one 16-core host ran 6x slower per step
-        while the padding was torch ops (session 15; the suspected cause, 16 OpenMP threads per process). Raises
-        ValueError if a user has more than ``slots`` items."""
-        if seq.offsets.device.type != "cpu":
-            raise ValueError(f"PaddedItems.from_jagged pads a host pathway; its offsets are on {seq.offsets.device}")
-        offsets = seq.offsets.numpy().astype(np.int64)
-        lengths = np.diff(offsets)
-        if lengths.size and int(lengths.max()) > slots:
-            raise ValueError(f"a user has {int(lengths.max())} items, more than the {slots} padded slots")
-        pos = np.arange(slots)
-        empty = pos[None, :] >= lengths[:, None]
-        idx = offsets[:-1, None] + pos[None, :]
-
-        def pad(t: torch.Tensor) -> torch.Tensor:
-            out = torch.empty((lengths.size, slots, *t.shape[1:]), dtype=t.dtype, pin_memory=pin_memory)
-            a, o = t.numpy(), out.numpy()
-            if a.shape[0] == 0:  # no items anywhere in the batch
-                o[...] = 0
-                return out
-            np.take(a, np.minimum(idx, a.shape[0] - 1), axis=0, out=o)
-            o[empty] = 0
-            return out
-
-        lens = torch.empty(lengths.size, dtype=torch.int64, pin_memory=pin_memory)
-        lens.numpy()[:] = lengths
+        """A jagged host pathway (``onerec_fast.data.JaggedItems``) in ``slots`` padded slots per user: values
+        ``[B, slots, ...]`` with zeros (item 0, code 0: valid indices) past each user's end, in pinned memory with
+        ``pin_memory`` (``JaggedItems.padded`` per tensor). Raises ValueError if a user has more than ``slots``
+        items."""
+        pad = lambda t: seq.padded(t, 0, slots, pin_memory)[0]  # noqa: E731
+        lengths = seq.lengths()
+        lens = torch.empty(lengths.shape, dtype=torch.int64, pin_memory=pin_memory).copy_(lengths)
         return cls(pad(seq.codes), lens, None if seq.item is None else pad(seq.item),
                    {k: pad(v) for k, v in seq.sparse.items()}, {k: pad(v) for k, v in seq.dense.items()})
 

@@ -19,7 +19,6 @@ import dataclasses
 import functools
 from collections.abc import Callable
 
-import numpy as np
 import torch
 
 from onerec_fast.model.encoder import PaddedItems
@@ -40,7 +39,7 @@ def fixed_shape_batch(batch, short_len: int, pos_len: int, pin_memory: bool = Fa
     memory with ``pin_memory``): short-term to ``short_len`` slots, positive feedback to ``pos_len``, lifelong
     to :func:`lifelong_slots` of its longest history. Shapes then depend on the batch size and that power of
     two only."""
-    longest = int(np.diff(batch.lifelong.offsets.numpy()).max()) if len(batch) else 0
+    longest = int(batch.lifelong.lengths().max()) if len(batch) else 0
     pad = functools.partial(PaddedItems.from_jagged, pin_memory=pin_memory)
     return dataclasses.replace(batch, short=pad(batch.short, short_len), positive=pad(batch.positive, pos_len),
                                lifelong=pad(batch.lifelong, lifelong_slots(longest)))
@@ -61,14 +60,16 @@ class _Captured:
     """``step(batch) -> tuple of tensors`` captured for one batch shape; the batch is copied into static inputs."""
 
     def __init__(self, step: Callable, batch, device: torch.device):
-        self.static = batch.to(device)
+        static = batch.to(device)
+        self.inputs = _tensors(static)
         self.graph = torch.cuda.CUDAGraph()
         # thread_local: a DataLoader's pin-memory thread may allocate host memory during the capture
         with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
-            self.out = step(self.static)
+            self.out = step(static)
 
-    def __call__(self, batch) -> tuple:
-        for static, new in zip(_tensors(self.static), _tensors(batch)):
+    def __call__(self, tensors: list[torch.Tensor]) -> tuple:
+        """Replay on a batch given as its :func:`_tensors`."""
+        for static, new in zip(self.inputs, tensors):
             static.copy_(new, non_blocking=True)
         self.graph.replay()
         return self.out
@@ -79,10 +80,10 @@ class StepGraphs:
 
     ``step(batch_on_device) -> tuple of tensors`` does one whole optimizer step without a host sync and
     without zeroing gradients (a captured backward writes them afresh). ``state()`` returns what the graphs
-    read by address besides the batch: objects (e.g. the trie) and ints (e.g. the parameters' and optimizer
-    states' ``data_ptr``); when an object is another one or an int changes, the graphs are dropped and
-    captured again. At most ``max_graphs`` shapes are captured; others
-    run eagerly (``__call__`` returns None and the caller runs the step itself)."""
+    read by address besides the batch: objects (e.g. the trie) and ints (e.g. the parameters' and buffers'
+    ``data_ptr``); when an object is another one or an int changes, the graphs are dropped and captured again
+    (a new optimizer state calls :meth:`clear`). At most ``max_graphs`` shapes are captured; others run
+    eagerly (``__call__`` returns None and the caller runs the step itself)."""
 
     def __init__(self, step: Callable, state: Callable[[], tuple], device: torch.device, max_graphs: int = 8):
         if device.type != "cuda":
@@ -91,7 +92,8 @@ class StepGraphs:
         self.graphs: dict[tuple, _Captured] = {}
         self.seen: set[tuple] = set()
         self.replays = 0  # steps replayed from a graph
-        self._state: tuple | None = None
+        self._state: tuple | None = None  # held, so no id in it is reused while the graphs live
+        self._state_key: tuple | None = None
 
     def clear(self) -> None:
         """Drop every graph (e.g. after the optimizer's state was loaded anew)."""
@@ -102,10 +104,12 @@ class StepGraphs:
         """Replay the graph of ``batch``'s shape (a host batch, pinned for an asynchronous copy); None when the
         caller must run this step eagerly (a shape's first step, or no room for another graph)."""
         state = self.state()
-        if self._state is None or _identity(state) != _identity(self._state):
+        ident = _identity(state)
+        if ident != self._state_key:
             self.clear()
-            self._state = state  # held, so no id in it is reused while the graphs live
-        key = tuple((t.shape, t.dtype) for t in _tensors(batch))
+            self._state, self._state_key = state, ident
+        tensors = _tensors(batch)
+        key = tuple((t.shape, t.dtype) for t in tensors)
         graph = self.graphs.get(key)
         if graph is None:
             if key not in self.seen or len(self.graphs) >= self.max_graphs:
@@ -113,4 +117,4 @@ class StepGraphs:
                 return None
             graph = self.graphs[key] = _Captured(self.step, batch, self.device)
         self.replays += 1
-        return graph(batch)
+        return graph(tensors)

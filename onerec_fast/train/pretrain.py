@@ -226,9 +226,10 @@ class Trainer:
             logging.getLogger("onerec_fast").warning("onerec_fast: cuda_graph ignored (%s): every step runs eagerly",
                                                      why)
         self.opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.embedding_weight_decay), lr=cfg.lr,
-                                     betas=(cfg.beta1, cfg.beta2), fused=fused or None, capturable=graphs)
-        # Under graphs the learning rate is a device tensor the captured AdamW reads (set before each step).
+                                     betas=(cfg.beta1, cfg.beta2), fused=fused or None)
+        # Under graphs the learning rate is a device tensor the captured AdamW reads (filled before each step).
         self._lr = torch.tensor(float(cfg.lr), device=self.device) if graphs else None
+        self._set_group_flags()
         self._step_t = torch.zeros((), dtype=torch.int64, device=self.device)  # the step, for the non-finite flag
         self._graphs = StepGraphs(self._step_body, self._graph_state, self.device) if graphs else None
         self.step = 0
@@ -284,14 +285,20 @@ class Trainer:
                                  "the data order would differ")
 
         ck = load_training_state(path, self.model, self.opt, validate=same_data_order)
-        for g in self.opt.param_groups:  # the saved groups carry the writer's setting, which this run may not share
-            g["capturable"] = self._graphs is not None
+        self._set_group_flags()  # the saved groups carry the writer's settings, which this run may not share
         if self._graphs is not None:  # the optimizer's state tensors are new
             self._graphs.clear()
         self.step = int(ck["schedule"]["step"])
         self.selection.update(ck.get("selection", {}))
         if self.out_dir is not None and self.parallel.is_main:
             _truncate_metrics(self.out_dir, self.step)
+
+    def _set_group_flags(self) -> None:
+        """AdamW's groups as this run steps them: capturable, and reading the device learning rate, under graphs."""
+        for g in self.opt.param_groups:
+            g["capturable"] = self._lr is not None
+            if self._lr is not None:
+                g["lr"] = self._lr
 
     # -- the loop ------------------------------------------------------------------------------------------
     def _loader(self):
@@ -325,9 +332,10 @@ class Trainer:
         docstring), not synced here."""
         self.model.train()
         lr = lr_at(self.step, self.cfg, self.horizon)
-        for g in self.opt.param_groups:
-            g["lr"] = lr if self._lr is None else self._lr
-        if self._lr is not None:
+        if self._lr is None:
+            for g in self.opt.param_groups:
+                g["lr"] = lr
+        else:
             self._lr.fill_(lr)
         self._step_t.fill_(self.step)
         out = None if self._graphs is None else self._graphs(batch_cpu)
