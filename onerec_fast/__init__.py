@@ -14,12 +14,13 @@ from onerec_fast.decoding import (
     constrained_beam_search,
     constrained_beam_search_ref,
 )
-from onerec_fast.modules import MoEAuxLoss, MoELayer, MoEStats, QFormer, QFormerCrossAttention
+from onerec_fast.modules import MoEAuxLoss, MoELayer, MoEStats, QFormer, QFormerCrossAttention, RMSNorm
 from onerec_fast.numerics import NonFiniteWarning
 from onerec_fast.ops.beam_step import beam_step, beam_step_ref
 from onerec_fast.ops.lm_head import constrained_lm_head, constrained_lm_head_beam_step
 from onerec_fast.ops.moe import moe_experts, moe_experts_ref, moe_ffn, moe_ffn_ref
 from onerec_fast.ops.moe_routing import moe_route, moe_route_ref
+from onerec_fast.ops.rms_norm import rms_norm, rms_norm_ref
 from onerec_fast.ops.varlen_attention import (
     beam_shared_cross_attention,
     padded_cross_attention,
@@ -38,6 +39,7 @@ __all__ = [
     "NonFiniteWarning",
     "QFormer",
     "QFormerCrossAttention",
+    "RMSNorm",
     "SemanticIDTrie",
     "available_backends",
     "beam_shared_cross_attention",
@@ -54,6 +56,8 @@ __all__ = [
     "moe_route",
     "moe_route_ref",
     "padded_cross_attention",
+    "rms_norm",
+    "rms_norm_ref",
     "varlen_cross_attention",
     "varlen_cross_attention_ref",
 ]

@@ -26,7 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["BACKENDS", "BackendStatus", "backends", "resolve_backend", "triton_interpret", "describe"]
+__all__ = ["BACKENDS", "BackendStatus", "backends", "resolve_backend", "triton_interpret", "describe",
+           "triton_unless_unsupported"]
 
 log = logging.getLogger("onerec_fast")
 
@@ -148,3 +149,20 @@ def resolve_backend(op: str, backend: str | None, device: torch.device, implemen
                 log.warning("onerec_fast: %s falls back to the %s backend (%s)", op, b, reasons)
             return b
     raise AssertionError("reference is always available")
+
+
+_unsupported_warned: set[tuple[str, str]] = set()
+
+
+def triton_unless_unsupported(op: str, backend: str | None, device: torch.device, why: str | None) -> str:
+    """After :func:`resolve_backend` chose "triton": "triton" when ``why`` is None (the kernel takes this input);
+    otherwise an explicit ``backend="triton"`` raises ``ValueError`` saying ``why``, and "auto" falls back to
+    "reference", logged once per (op, reason) on CUDA (a slow path is never silent)."""
+    if why is None:
+        return "triton"
+    if backend == "triton":
+        raise ValueError(f"{op}: backend 'triton' {why}")
+    if device.type == "cuda" and (op, why) not in _unsupported_warned:
+        _unsupported_warned.add((op, why))
+        log.warning("onerec_fast: %s falls back to the reference backend: the triton kernel %s", op, why)
+    return "reference"

@@ -60,3 +60,14 @@ def test_fallback_on_cuda_logs_once(monkeypatch, caplog):
         for _ in range(3):
             assert B.resolve_backend("fake_op", "auto", torch.device("cuda"), ("cuda", "reference")) == "reference"
     assert sum("falls back" in r.message for r in caplog.records) == 1
+
+
+def test_an_input_the_kernel_does_not_take(caplog):
+    """Explicit triton raises with the reason; auto falls back to the reference, logged once on CUDA, never on CPU."""
+    assert B.triton_unless_unsupported("fake_op", "auto", torch.device("cuda"), None) == "triton"
+    with pytest.raises(ValueError, match="fake_op: backend 'triton' supports nothing"):
+        B.triton_unless_unsupported("fake_op", "triton", torch.device("cuda"), "supports nothing")
+    with caplog.at_level(logging.WARNING, logger="onerec_fast"):
+        for device in ("cpu", "cuda", "cuda"):
+            assert B.triton_unless_unsupported("fake_op", "auto", torch.device(device), "takes no x") == "reference"
+    assert sum("fake_op falls back" in r.message for r in caplog.records) == 1

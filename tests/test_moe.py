@@ -2,17 +2,18 @@
 (output and every gradient), edge cases, determinism, MoELayer (losses, bias update, loaders,
 torch.compile, CUDA graphs) and bad input."""
 
+import copy
+import gc
+import weakref
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from onerec_fast.backends import resolve_backend
-import copy
-
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.checkpoint import checkpoint
 
+from onerec_fast.backends import resolve_backend
 from onerec_fast.modules import MoEAuxLoss, MoELayer
 from onerec_fast.ops.moe import moe_backends, moe_ffn, moe_ffn_ref
 from onerec_fast.ops.moe_routing import moe_aux_loss, moe_z_loss
@@ -241,6 +242,20 @@ def test_layer_stats_losses_and_bias_update():
     layer.update_expert_bias(0.5)  # load counted since the previous update (one training forward)
     assert layer.expert_bias[5].item() == 9.5
     layer.to(torch.bfloat16)(x.bfloat16())  # a bf16 cast of the whole module keeps working
+
+
+def test_release_last_forward_drops_the_routing_and_its_graph():
+    """After release the layer holds nothing of the last forward: no stats, a zero aux loss, and no tensor of its
+    routing (which carry its autograd graph: a CUDA-graph capture must not reuse it) stays alive."""
+    torch.manual_seed(3)
+    layer = MoELayer(8, 12, 4, 2, aux_loss_coef=0.1, backend="reference")
+    x = torch.randn(2, 5, 8, requires_grad=True)
+    (layer(x).square().sum() + layer.aux_loss()).backward()
+    held = weakref.ref(layer.last_stats.routing.prob_sum)
+    layer.release_last_forward()
+    assert layer.last_stats is None and float(layer.aux_loss()) == 0.0
+    gc.collect()
+    assert held() is None
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])

@@ -72,6 +72,18 @@ def test_no_graphs_on_the_cpu(world):
     assert t.step == 2
 
 
+def test_graphs_are_the_default_where_they_apply():
+    """None (the default) means on where graphs apply; the CLI's --cuda-graph / --no-cuda-graph set True / False."""
+    import argparse
+
+    from onerec_fast.train import cli_train
+
+    assert TrainConfig().cuda_graph is None
+    p = argparse.ArgumentParser()
+    cli_train.add_arguments(p)
+    assert [p.parse_args(a).cuda_graph for a in ([], ["--cuda-graph"], ["--no-cuda-graph"])] == [None, True, False]
+
+
 def test_resume_takes_this_runs_capturable_setting(world, tmp_path):
     """A checkpoint written by a graphed run (AdamW groups with capturable=True) resumes in an eager CPU run, whose
     AdamW would refuse capturable=True on CPU parameters; and vice versa a capture needs capturable=True."""
@@ -89,31 +101,22 @@ def test_resume_takes_this_runs_capturable_setting(world, tmp_path):
     assert resumed.step == 4
 
 
-def _gpu_trainer(ds, codes, cuda_graph: bool, **cfg) -> Trainer:
-    # no dropout: the two runs draw no random numbers; dense FFNs (MoE models train eagerly)
-    model = make_model(ds, codes, backend="auto", dropout=0.0, dec_moe_experts=0)
+def _gpu_trainer(ds, codes, cuda_graph: bool, moe: bool = False, **cfg) -> Trainer:
+    # no dropout: the two runs draw no random numbers
+    model = make_model(ds, codes, backend="auto", dropout=0.0, **({} if moe else {"dec_moe_experts": 0}))
     return Trainer(model, ds, TrainConfig(batch_size=8, lr=3e-3, warmup_steps=2, log_every=4, cuda_graph=cuda_graph,
                                           **cfg), device="cuda", show_progress=False)
 
 
 @cuda
-def test_moe_models_train_eagerly(world, caplog):
-    """Until the MoE backward captures (see Trainer.__init__), a model with MoE layers gets no graphs, and says so."""
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+def test_graphed_steps_match_the_eager_ones(world, moe):
+    """The same run with and without graphs (bf16 autocast, the Triton kernels; dense FFNs, and MoE layers with
+    their loss-free bias update): the same losses within bf16 rounding, and the graphs were replayed (a shape's
+    first step runs eagerly, its second is captured)."""
     _, codes, ds, _ = world
-    t = Trainer(make_model(ds, codes, backend="auto"), ds, TrainConfig(steps=2, batch_size=4, cuda_graph=True),
-                device="cuda", show_progress=False)
-    assert t._graphs is None and "cuda_graph ignored (the model has MoE layers)" in caplog.text
-    t.train()
-    assert t.step == 2
-
-
-@cuda
-def test_graphed_steps_match_the_eager_ones(world):
-    """The same run with and without graphs (bf16 autocast, the Triton kernels): the same losses within bf16
-    rounding, and the graphs were replayed (a shape's first step runs eagerly, its second is captured)."""
-    _, codes, ds, _ = world
-    eager = _gpu_trainer(ds, codes, cuda_graph=False, steps=24)
-    graphed = _gpu_trainer(ds, codes, cuda_graph=True, steps=24)
+    eager = _gpu_trainer(ds, codes, cuda_graph=False, moe=moe, steps=24)
+    graphed = _gpu_trainer(ds, codes, cuda_graph=True, moe=moe, steps=24)
     a, b = eager.train(), graphed.train()
     assert eager._graphs is None and graphed._graphs.graphs and graphed._graphs.replays >= 10
     assert [s for s, _ in a] == [s for s, _ in b]

@@ -135,7 +135,7 @@ class OneRecConfig:
     # out of the beam. Sports, 3 seeds through the CLI: test Recall/NDCG@10 0.0532 / 0.0305 against the
     # SASRec-style 0.0472 / 0.0228; seed 0 without the chain 0.0459 / 0.0244 (docs/ARCHITECTURE.md).
     transition_mixture: bool = False
-    backend: str = "auto"  # passed to MoELayer and QFormer ("reference" = plain PyTorch everywhere)
+    backend: str = "auto"  # passed to MoELayer, QFormer and RMSNorm ("reference" = plain PyTorch everywhere)
 
     def __post_init__(self) -> None:
         if self.d_model % self.n_heads:

@@ -28,6 +28,7 @@ from torch import nn
 from onerec_fast.model.config import OneRecConfig
 from onerec_fast.model.encoder import EncoderOutput
 from onerec_fast.model.layers import Attention, make_ffn, merge_heads, split_heads
+from onerec_fast.modules.rms_norm import RMSNorm
 
 __all__ = ["OneRecDecoder", "DecodeState"]
 
@@ -44,11 +45,11 @@ class DecoderLayer(nn.Module):
     def __init__(self, cfg: OneRecConfig):
         super().__init__()
         d = cfg.d_model
-        self.norm1 = nn.RMSNorm(d, eps=cfg.norm_eps)
+        self.norm1 = RMSNorm(d, eps=cfg.norm_eps, backend=cfg.backend)
         self.self_attn = Attention(d, cfg.n_heads, cfg.attention_dropout)
-        self.norm2 = nn.RMSNorm(d, eps=cfg.norm_eps)
+        self.norm2 = RMSNorm(d, eps=cfg.norm_eps, backend=cfg.backend)
         self.cross_attn = Attention(d, cfg.n_heads, cfg.attention_dropout)
-        self.norm3 = nn.RMSNorm(d, eps=cfg.norm_eps)
+        self.norm3 = RMSNorm(d, eps=cfg.norm_eps, backend=cfg.backend)
         self.ffn = make_ffn(cfg, "dec")
         self.drop = nn.Dropout(cfg.dropout)  # residual branches, training only
 
@@ -79,7 +80,7 @@ class OneRecDecoder(nn.Module):
         self.code_emb = nn.ModuleList(nn.Embedding(v, d) for v in cfg.vocab_sizes[:-1])
         self.pos_emb = nn.Parameter(torch.randn(cfg.code_levels, d) * 0.02)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.dec_layers))
-        self.norm = nn.RMSNorm(d, eps=cfg.norm_eps)
+        self.norm = RMSNorm(d, eps=cfg.norm_eps, backend=cfg.backend)
         self.heads = nn.ModuleList(nn.Linear(d, v, bias=False) for v in cfg.vocab_sizes)
         if cfg.node_heads:
             if not cfg.trie_nodes:

@@ -29,6 +29,7 @@ from torch import nn
 
 from onerec_fast.model.config import OneRecConfig
 from onerec_fast.model.layers import Attention, make_ffn
+from onerec_fast.modules.rms_norm import RMSNorm
 
 __all__ = ["PaddedItems", "OneRecEncoder", "EncoderOutput", "right_align", "seq_lengths"]
 
@@ -169,9 +170,9 @@ class EncoderLayer(nn.Module):
 
     def __init__(self, cfg: OneRecConfig):
         super().__init__()
-        self.norm1 = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.norm1 = RMSNorm(cfg.d_model, eps=cfg.norm_eps, backend=cfg.backend)
         self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.attention_dropout)
-        self.norm2 = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.norm2 = RMSNorm(cfg.d_model, eps=cfg.norm_eps, backend=cfg.backend)
         self.ffn = make_ffn(cfg, "enc")
         self.drop = nn.Dropout(cfg.dropout)
 
@@ -208,7 +209,7 @@ class OneRecEncoder(nn.Module):
                                num_heads=cfg.n_heads, d_ff=cfg.d_ff, backend=cfg.backend)
         self.pos_emb = nn.Parameter(torch.randn(cfg.enc_len, d) * 0.02)
         self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.enc_layers))
-        self.norm = nn.RMSNorm(d, eps=cfg.norm_eps)
+        self.norm = RMSNorm(d, eps=cfg.norm_eps, backend=cfg.backend)
         self.drop = nn.Dropout(cfg.dropout)
 
     # -- pathways ---------------------------------------------------------------------------------------

@@ -179,6 +179,14 @@ class MoELayer(nn.Module):
         st = self.last_stats
         return self.aux_loss_coef * st.aux_loss + self.z_loss_coef * st.z_loss
 
+    def release_last_forward(self) -> None:
+        """Forget the last forward's routing (``last_stats`` is None until the next forward). Its tensors keep
+        that forward's autograd graph alive, and with it the weights' gradient accumulators; a trainer calls this
+        after the backward, so that a CUDA-graph capture gets accumulators of its own rather than an eager
+        step's (which belong to the legacy stream: the capture fails, "operation would make the legacy stream
+        depend on a capturing blocking stream", H100, session 15)."""
+        self._record = _ForwardRecord()
+
     @torch.no_grad()
     def update_expert_bias(self, rate: float) -> None:
         """Loss-free balancing (DeepSeek-V3): ``bias_e += rate * sign(mean_load - load_e)``, with the load

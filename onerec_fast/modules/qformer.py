@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from onerec_fast.checks import check_tensor
+from onerec_fast.modules.rms_norm import RMSNorm
 from onerec_fast.ops.varlen_attention import padded_cross_attention, varlen_cross_attention
 
 __all__ = ["QFormerCrossAttention", "QFormer"]
@@ -124,11 +125,11 @@ class _SwiGLU(nn.Module):
 class _QFormerBlock(nn.Module):
     def __init__(self, d_model, num_heads, d_kv, d_ff, backend):
         super().__init__()
-        self.cross_norm = nn.RMSNorm(d_model, eps=1e-6)
+        self.cross_norm = RMSNorm(d_model, eps=1e-6, backend=backend)
         self.cross_attn = QFormerCrossAttention(d_model, num_heads, d_kv, backend=backend)
-        self.self_norm = nn.RMSNorm(d_model, eps=1e-6)
+        self.self_norm = RMSNorm(d_model, eps=1e-6, backend=backend)
         self.self_attn = _SelfAttention(d_model, num_heads)
-        self.ffn_norm = nn.RMSNorm(d_model, eps=1e-6)
+        self.ffn_norm = RMSNorm(d_model, eps=1e-6, backend=backend)
         self.ffn = _SwiGLU(d_model, d_ff)
 
     def forward(self, x, memory, cu_seqlens, lengths, max_seqlen, validate):
@@ -148,7 +149,7 @@ class QFormer(nn.Module):
         num_heads: heads of both attentions (head_dim = d_model // num_heads).
         d_kv: width of the memory (default d_model).
         d_ff: hidden width of the FFN (default 4 * d_model).
-        backend: backend of the cross-attention ("auto", "triton", "reference").
+        backend: backend of the cross-attention and the norms ("auto", "triton", "reference").
 
     Example::
 
@@ -167,7 +168,7 @@ class QFormer(nn.Module):
         self.d_model, self.num_queries = d_model, num_queries
         self.queries = nn.Parameter(torch.randn(num_queries, d_model) * d_model**-0.5)
         self.blocks = nn.ModuleList(_QFormerBlock(d_model, num_heads, d_kv, d_ff, backend) for _ in range(num_blocks))
-        self.norm = nn.RMSNorm(d_model, eps=1e-6)
+        self.norm = RMSNorm(d_model, eps=1e-6, backend=backend)
 
     def forward(self, memory: Tensor, offsets: Tensor | None = None, lengths: Tensor | None = None, *,
                 max_len: int | None = None, validate: bool = True) -> Tensor:

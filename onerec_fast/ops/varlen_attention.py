@@ -25,12 +25,10 @@ deterministic backward; head_dim 32/64/128, fp32/fp16/bf16) through the custom o
 
 from __future__ import annotations
 
-import logging
-
 import torch
 from torch import Tensor
 
-from onerec_fast.backends import resolve_backend
+from onerec_fast.backends import resolve_backend, triton_unless_unsupported
 from onerec_fast.checks import FLOAT_DTYPES, check_cu_seqlens, check_dim, check_same, check_tensor
 
 __all__ = [
@@ -41,13 +39,10 @@ __all__ = [
     "padded_cross_attention_ref",
 ]
 
-log = logging.getLogger("onerec_fast")
-
 _OP = "varlen_attention"
 _IMPLEMENTED = ("triton", "reference")
 _DTYPES = FLOAT_DTYPES + (torch.float64,)  # float64 only through the reference (the tests' oracle)
 _INDEX_DTYPES = (torch.int32, torch.int64)
-_warned: set[str] = set()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -286,14 +281,7 @@ def _pick_backend(backend: str | None, q: Tensor) -> str:
         why = f"supports head_dim in {kern.SUPPORTED_HEAD_DIMS}, got {q.shape[-1]}"
     elif q.dtype not in FLOAT_DTYPES:
         why = f"supports dtypes {[str(d) for d in FLOAT_DTYPES]}, got {q.dtype}"
-    if why is None:
-        return name
-    if backend == "triton":
-        raise ValueError(f"{_OP}: backend 'triton' {why}")
-    if q.is_cuda and why not in _warned:  # a slow path is never silent
-        _warned.add(why)
-        log.warning("onerec_fast: %s falls back to the reference backend: the triton kernel %s", _OP, why)
-    return "reference"
+    return triton_unless_unsupported(_OP, backend, q.device, why)
 
 
 def _scale(softmax_scale, head_dim: int) -> float:

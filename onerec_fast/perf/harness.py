@@ -25,7 +25,7 @@ import torch
 from onerec_fast.perf.mfu import Peak, peak_flops
 from onerec_fast.perf.timing import time_fn
 
-SUITES = ("moe", "varlen_attention", "beam_search")
+SUITES = ("moe", "varlen_attention", "beam_search", "rms_norm")
 
 
 class Unavailable(Exception):

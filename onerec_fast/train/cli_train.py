@@ -69,9 +69,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--num-workers", type=non_negative_int, default=0, help="DataLoader worker processes")
     parser.add_argument("--backend", default="auto", help="backend of the fused modules: auto, triton, cuda, reference")
     parser.add_argument("--no-amp", action="store_true", help="fp32 on CUDA (default: bf16 autocast)")
-    parser.add_argument("--cuda-graph", action="store_true",
-                        help="replay each training step from CUDA graphs (one GPU, models without MoE layers; an "
-                             "experiment: benchmarks/RESULTS.md, session 15)")
+    parser.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
+                        help="replay each training step from CUDA graphs, batches padded to fixed shapes (default: "
+                             "on with one GPU; 2-3x the steps/s of eager steps on Amazon Sports, "
+                             "benchmarks/RESULTS.md session 16)")
     parser.add_argument("--parallel", choices=("ddp", "fsdp"), default="ddp",
                         help="under torchrun: DDP (replicated model) or FSDP2 (sharded parameters, gradients and "
                              "optimizer state); ignored in one process")
@@ -151,7 +152,7 @@ def build_trainer(args, prepared, recipe, synthetic: dict | None = None, show_pr
 
     tc = TrainConfig(steps=steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup,
                      weight_decay=args.weight_decay, grad_clip=args.grad_clip, seed=args.seed,
-                     amp=not args.no_amp, cuda_graph=getattr(args, "cuda_graph", False),
+                     amp=not args.no_amp, cuda_graph=getattr(args, "cuda_graph", None),
                      log_every=args.log_every, ckpt_every=args.ckpt_every,
                      num_workers=args.num_workers, eval_every=eval_every if eval_fn else 0,
                      patience=args.patience if eval_fn else 0, time_budget_s=args.time_budget,

@@ -75,10 +75,10 @@ class TrainConfig:
     patience: int = 0  # stop after this many evaluations without a better select_metric (0: never stop early)
     select_metric: str = "ndcg@10"  # the eval_fn result that picks best.pt (higher is better)
     time_budget_s: float = 0.0  # stop (evaluate, save) after this much wall time in train() (0: no limit)
-    # replay the step from CUDA graphs, batches padded to fixed shapes (one CUDA process, no MoE layers; see
-    # graph_step.py). Off by default: the CLI's three-seed Sports run with it on was 6x slower per step than
-    # without (session 15, H100), a cause not yet confirmed on a GPU (benchmarks/RESULTS.md)
-    cuda_graph: bool = False
+    # replay the step from CUDA graphs, batches padded to fixed shapes (see graph_step.py): None (default) where
+    # it applies (one CUDA process), True asks for it (a warning where it cannot apply), False never. Amazon
+    # Sports through the CLI, three runs sharing an H100: 10-32 ms a step against 61-73 eager (session 16)
+    cuda_graph: bool | None = None
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "log_every"):
@@ -215,16 +215,10 @@ class Trainer:
         self.meta = meta or {}
         self.eval_fn = eval_fn
         fused = self.device.type == "cuda"
-        # MoE models run eagerly: capturing the tiny preset's step failed on an H100 in the backward that follows
-        # the MoE weights' autocast cast (MoELayer.forward; anomaly mode): "operation would make the legacy stream
-        # depend on a capturing blocking stream" (session 15). Likely cause, unconfirmed: the layer's record of its
-        # last forward keeps that forward's autograd graph alive, so the weights' gradient accumulators made in an
-        # eager step (on the legacy stream) serve the capture, whose backward then syncs the legacy stream with it
-        graphs = cfg.cuda_graph and fused and self.parallel.world_size == 1 and not moe_layers(model)
+        graphs = cfg.cuda_graph is not False and fused and self.parallel.world_size == 1
         if cfg.cuda_graph and fused and not graphs:  # asked for and not given: never silent
-            why = "the model has MoE layers" if moe_layers(model) else "more than one process"
-            logging.getLogger("onerec_fast").warning("onerec_fast: cuda_graph ignored (%s): every step runs eagerly",
-                                                     why)
+            logging.getLogger("onerec_fast").warning("onerec_fast: cuda_graph ignored (more than one process): "
+                                                     "every step runs eagerly")
         self.opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.embedding_weight_decay), lr=cfg.lr,
                                      betas=(cfg.beta1, cfg.beta2), fused=fused or None)
         # Under graphs the learning rate is a device tensor the captured AdamW reads (filled before each step).
@@ -360,6 +354,8 @@ class Trainer:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp, cache_enabled=self._graphs is None):
             loss = self.parallel(_loss, batch)
         loss.backward()
+        for m in moe_layers(self.model):  # a capture must not reuse an eager step's gradient accumulators
+            m.release_last_forward()
         grad_norm = self.parallel.clip_grad_norm_(cfg.grad_clip)
         bad = ~(torch.isfinite(loss.detach()) & torch.isfinite(grad_norm))
         self._bad_step.copy_(torch.where(bad & (self._bad_step == _NONE), self._step_t, self._bad_step))
