@@ -155,3 +155,16 @@ def test_bad_input_names_the_argument():
         rms_norm(x, eps=-1.0)
     with pytest.raises(TypeError, match="weight must be a torch.Tensor"):
         rms_norm(x, [1.0] * 8)
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES or ["cpu"])
+def test_module_compiles_without_graph_breaks(device):
+    """``torch.compile(fullgraph=True)`` traces the module through the custom op (fake + autograd registered)."""
+    skip_unless_runs("triton", device)
+    torch.manual_seed(0)
+    m = RMSNorm(16, backend="triton").to(device)
+    x = torch.randn(4, 16, device=device, requires_grad=True)
+    y = torch.compile(m, backend="aot_eager", fullgraph=True)(x)
+    y.sum().backward()
+    torch.testing.assert_close(y, m(x))
+    assert x.grad.shape == x.shape and m.weight.grad.shape == (16,)
