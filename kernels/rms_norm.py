@@ -15,7 +15,7 @@ them in its gamma reduction (``GammaBetaBackward``), 3.0 of the 0.015b training 
 writes ``dx`` once.
 
 Both kernels are memory-bound; the launch config is ``BLOCK_M`` and ``num_warps``, looked up per GPU and
-shape (``launch_config``; tuned on first use, ``benchmarks/tune_rms_norm.py`` writes the shipped table).
+shape (``launch_config``: the shipped table that ``benchmarks/tune_rms_norm.py`` writes, else tuned on first use).
 """
 
 from __future__ import annotations

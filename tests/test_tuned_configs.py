@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 
-from onerec_fast.kernels import launch_config, lm_head, moe_gemm, varlen_attention
+from onerec_fast.kernels import launch_config, lm_head, moe_gemm, rms_norm, varlen_attention
 
 
 def _entries(op):
@@ -47,6 +47,15 @@ def test_varlen_attention_keys_and_fields():
         assert varlen_attention.config_key(kernel, int(head_dim), int(lq), int(lk), getattr(torch, dtype)) == key
         want = varlen_attention.default_config(kernel, int(head_dim), int(lq), "cuda")
         assert _fields(cfg) == _fields(want), f"{key}: fields {sorted(_fields(cfg))} != {sorted(_fields(want))}"
+
+
+def test_rms_norm_keys_and_fields():
+    for gpu, key, cfg in _entries("rms_norm"):
+        m = re.fullmatch(r"(fwd|bwd) (\w+) d(\d+) M(\d+)", key)
+        assert m, f"{gpu}: malformed key {key!r}"
+        kernel, dtype, block, rows = m.groups()
+        assert rms_norm.config_key(kernel, getattr(torch, dtype), int(rows), int(block)) == key
+        assert _fields(cfg) == _fields(rms_norm.default_config(int(block))), key
 
 
 def test_lm_head_keys_and_fields():
