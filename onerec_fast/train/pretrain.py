@@ -2,8 +2,8 @@
 
 * AdamW (no weight decay on biases, norms and other 1-D parameters), linear warmup then cosine decay to
   ``min_lr_ratio * lr``, gradient clipping by global norm, bf16 autocast on CUDA, the loss-free MoE expert
-  bias updated after every optimizer step. With ``TrainConfig.cuda_graph`` on one GPU the whole step is
-  replayed from CUDA graphs, one per batch shape (:mod:`onerec_fast.train.graph_step`).
+  bias updated after every optimizer step. On one GPU the whole step is replayed from CUDA graphs, one per
+  batch shape, unless ``TrainConfig.cuda_graph`` is False (:mod:`onerec_fast.train.graph_step`).
 * Data: :class:`EpochBatchSampler` draws batch ``j`` of epoch ``e`` from a permutation seeded by
   ``(seed, e)``, so the data position is just the number of batches consumed and a resumed run reads
   exactly the batches the uninterrupted run would have read.
@@ -215,6 +215,7 @@ class Trainer:
         self.meta = meta or {}
         self.eval_fn = eval_fn
         fused = self.device.type == "cuda"
+        self._moe_layers = moe_layers(model)  # after ParallelModel, which may swap them for expert-parallel ones
         graphs = cfg.cuda_graph is not False and fused and self.parallel.world_size == 1
         if cfg.cuda_graph and fused and not graphs:  # asked for and not given: never silent
             logging.getLogger("onerec_fast").warning("onerec_fast: cuda_graph ignored (more than one process): "
@@ -354,7 +355,7 @@ class Trainer:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp, cache_enabled=self._graphs is None):
             loss = self.parallel(_loss, batch)
         loss.backward()
-        for m in moe_layers(self.model):  # a capture must not reuse an eager step's gradient accumulators
+        for m in self._moe_layers:  # a capture must not reuse an eager step's gradient accumulators
             m.release_last_forward()
         grad_norm = self.parallel.clip_grad_norm_(cfg.grad_clip)
         bad = ~(torch.isfinite(loss.detach()) & torch.isfinite(grad_norm))
