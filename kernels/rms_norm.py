@@ -12,7 +12,8 @@ result is bitwise reproducible on one GPU).
 Why: ``torch.nn.RMSNorm`` on CUDA (torch 2.11, H100) spent 87 us per backward call on 51k rows of d = 160, 68 of
 them in its gamma reduction (``GammaBetaBackward``), 3.0 of the 0.015b training step's 22.6 ms
 (``benchmarks/results/h100-2026-12-07-s15/call1/prof_0.015b.txt``); the backward here reads ``x`` and ``dy`` and
-writes ``dx`` once.
+writes ``dx`` once. With these kernels the graphed 0.015b step's GPU work went from 21.6 to 18.7 ms (H100,
+session 16, benchmarks/RESULTS.md).
 
 Both kernels are memory-bound; the launch config is ``BLOCK_M`` and ``num_warps``, looked up per GPU and
 shape (``launch_config``: the shipped table that ``benchmarks/tune_rms_norm.py`` writes, else tuned on first use).
@@ -35,7 +36,8 @@ MAX_D = 16384
 # Elements of one program's tile in the default config (measured on nothing yet: Liger-Kernel's and Triton's
 # tutorial layer norm use 4-8k; tune_rms_norm.py and tune-on-first-use pick per GPU).
 _TILE = 4096
-# Programs per SM in the backward (each loops over row blocks): enough resident warps to keep loads in flight.
+# Programs per SM in the backward (each loops over row blocks): enough resident warps to keep loads in flight
+# (not tuned: chosen so that the partial weight gradients stay a few hundred rows).
 _BWD_PROGRAMS_PER_SM = 8
 
 
