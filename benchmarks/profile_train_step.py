@@ -1,7 +1,8 @@
 """Where a training step goes, eager against CUDA graphs (TrainConfig.cuda_graph), per preset at batch 256:
 the Trainer's whole loop in steps/s (batches drawn, padded, pinned and checked on the host as in a real run),
 the step alone on a resident batch (CUDA events, median of 5 rounds of 20 steps), the host costs per step
-(batch build, padding to fixed shapes, check_batch, FLOP count), and a torch.profiler table of five eager steps.
+(batch build, padding to fixed shapes, check_batch, FLOP count), peak and reserved GPU memory, and a
+torch.profiler table of five eager steps.
 
     python benchmarks/profile_train_step.py ../shared/data/amazon-sports/sequences.txt OUT_DIR [--presets small 0.015b]
 
@@ -87,10 +88,12 @@ def main() -> None:
                 bc = fixed_shape_batch(raw, cfg.short_len, cfg.pos_len).pin_memory()
                 r["graphs"] = len(tr._graphs.graphs)
             r["resident_step_ms"] = resident_step_ms(tr, bc)
+            # eager against graphed memory: each captured shape keeps its own pool, which stays reserved
+            r["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
+            r["reserved_gb"] = torch.cuda.memory_reserved() / 1e9
             if graphs:
                 r["replays"] = tr._graphs.replays
                 r["pad_ms"] = host_ms(lambda: fixed_shape_batch(raw, cfg.short_len, cfg.pos_len), 50)
-                r["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
             else:
                 r["flops_ms"] = host_ms(lambda: m.flops(bc, backward=True), 50)
                 r["check_batch_ms"] = host_ms(lambda: m.check_batch(bc), 50)
