@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 
@@ -62,6 +63,7 @@ def main() -> None:
     ap.add_argument("--modes", nargs="+", default=["eager", "graph"], choices=["eager", "graph", "graph+compile"],
                     help="graph+compile: graphs, and the encoder layers through torch.compile (an experiment)")
     args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
     prep = prepare(args.data, short_len=20, positive_len=50, lifelong_len=1000, splits=("train",), verbose=False)
     ds = prep.datasets["train"]
     rng = np.random.default_rng(0)
