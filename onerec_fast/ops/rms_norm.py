@@ -52,7 +52,7 @@ def _kernels():
 @torch.library.custom_op("onerec_fast::rms_norm_fwd", mutates_args=())
 def _rms_norm_fwd(x: Tensor, weight: Tensor | None, eps: float, out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """``x: [M, d]`` -> ``(y [M, d] out_dtype, rstd fp32 [M])``."""
-    return _kernels().rms_norm_fwd(x.contiguous(), weight, eps, out_dtype)
+    return _kernels().rms_norm_fwd(x.contiguous(), None if weight is None else weight.contiguous(), eps, out_dtype)
 
 
 @_rms_norm_fwd.register_fake
@@ -63,7 +63,8 @@ def _(x, weight, eps, out_dtype):
 @torch.library.custom_op("onerec_fast::rms_norm_bwd", mutates_args=())
 def _rms_norm_bwd(dy: Tensor, x: Tensor, weight: Tensor | None, rstd: Tensor) -> tuple[Tensor, Tensor]:
     """``(dx [M, d] x.dtype, dw [d] weight.dtype)``; ``dw`` is empty without a weight."""
-    dx, dw = _kernels().rms_norm_bwd(dy.contiguous(), x.contiguous(), weight, rstd)
+    dx, dw = _kernels().rms_norm_bwd(dy.contiguous(), x.contiguous(), None if weight is None else weight.contiguous(),
+                                     rstd)
     return dx, x.new_empty(0) if dw is None else dw.to(weight.dtype)
 
 
@@ -118,5 +119,6 @@ def rms_norm(x: Tensor, weight: Tensor | None = None, eps: float | None = None, 
         raise ValueError(f"eps must be >= 0, got {eps}")
     if _pick_backend(backend, x) == "reference":
         return rms_norm_ref(x, weight, eps, out_dtype=out_dtype)
-    y, _ = _rms_norm_fwd(x.reshape(-1, x.shape[-1]), weight, eps, out_dtype or x.dtype)
+    # contiguous here, so the tensor the backward keeps is the one the kernels read (not copied again there)
+    y, _ = _rms_norm_fwd(x.reshape(-1, x.shape[-1]).contiguous(), weight, eps, out_dtype or x.dtype)
     return y.view(*x.shape[:-1], x.shape[-1])
