@@ -304,12 +304,12 @@ class Trainer:
         # padded to fixed shapes for the graphs (straight into pinned memory without workers; workers cannot
         # pin, the loader's pinning thread does)
         mc = self.model.cfg
-        pinned_by_pad = self._graphs is not None and self.cfg.num_workers == 0
         pad = None if self._graphs is None else functools.partial(fixed_shape_batch, short_len=mc.short_len,
-                                                                   pos_len=mc.pos_len, pin_memory=pinned_by_pad)
+                                                                   pos_len=mc.pos_len,
+                                                                   pin_memory=self.cfg.num_workers == 0)
         return torch.utils.data.DataLoader(_BatchView(self.dataset, pad), sampler=sampler, batch_size=None,
                                            collate_fn=_identity, num_workers=self.cfg.num_workers,
-                                           pin_memory=self.device.type == "cuda" and not pinned_by_pad)
+                                           pin_memory=self.device.type == "cuda")
 
     def _mfu(self, flops: float, seconds: float) -> float:
         """MFU of ``flops`` done by all ranks in ``seconds``, against ``world_size`` peaks."""
