@@ -302,7 +302,9 @@ class Trainer:
                                     rank=p.rank, world_size=p.world_size)
         # batch_size=None: the sampler yields index lists and the dataset view builds whole batches (vectorized),
         # padded to fixed shapes for the graphs (straight into pinned memory without workers; workers cannot
-        # pin, the loader's pinning thread does)
+        # pin, the loader's pinning thread does). The loader still pins: the batch's other tensors (users,
+        # targets) are not padded, and a copy from pageable memory would make the replay wait for the GPU.
+        # Pinning an already pinned tensor returns it.
         mc = self.model.cfg
         pad = None if self._graphs is None else functools.partial(fixed_shape_batch, short_len=mc.short_len,
                                                                    pos_len=mc.pos_len,
