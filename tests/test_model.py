@@ -8,9 +8,10 @@ import numpy as np
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from onerec_fast.model.config import PARAM_MARGIN, PRESETS, OneRecConfig, nominal_parameters
-from onerec_fast.model.encoder import PaddedItems
+from onerec_fast.model.encoder import PaddedItems, newest_item_slot
 from onerec_fast.model.onerec import OneRec, TransitionTable, with_transitions
 from tests.helpers import DEVICES, TRITON_DEVICES, requires_cuda
 from tests.model_world import POS, QUERIES, SHORT, batch_of, make_model, one_thread, world  # noqa: F401 (fixtures)
@@ -528,13 +529,50 @@ def test_node_heads_belong_to_their_catalogue(world):
         model.generate(b, beam_size=4)
 
 
+def test_encoder_slot_layout_is_the_stored_order_permuted(world):
+    """The encoder lays its tokens out as ``[short | static | queries | positive, newest first]`` so that a user's
+    real slots form one run (``EncoderOutput.window``). Oracle: the same encoder computed in the stored order of
+    the position embeddings, ``[static | short | positive | queries]`` with both item pathways right-aligned and a
+    key mask: every real token's state must be the same (attention and the FFN do not depend on slot order)."""
+    _, codes, ds, _ = world
+    model = make_model(ds, codes, dropout=0.0).eval()
+    enc_mod, cfg = model.encoder, model.cfg
+    b = batch_of(ds, range(12))
+    got = model.encode(b)
+    S = cfg.enc_len
+    slot = torch.arange(S)
+    start, length = got.window
+    assert torch.equal(got.mask, (slot >= start[:, None].long()) & (slot < (start + length)[:, None].long()))
+    lens = b.short.offsets.diff()
+    assert bool((lens > 0).any() and (lens < cfg.short_len).any()), "the batch must mix padded and full pathways"
+
+    static = {"uid": b.user, **b.user_feats}
+    s_tok = enc_mod.static_token(static, len(lens), "cpu")
+    sh, sh_mask = enc_mod.item_tokens(b.short, enc_mod.short_mlp, cfg.short_len)
+    po, po_mask = enc_mod.item_tokens(b.positive, enc_mod.pos_mlp, cfg.pos_len)
+    ll = enc_mod.lifelong_tokens(b.lifelong)
+    x = torch.cat([s_tok, sh, po, ll], dim=1) + enc_mod.pos_emb
+    ones = torch.ones(len(lens), 1, dtype=torch.bool)
+    mask = torch.cat([ones, sh_mask, po_mask, ones.expand(-1, cfg.num_queries)], dim=1)
+    for layer in enc_mod.layers:
+        x = layer(x, mask[:, None, None, :])
+    want = enc_mod.norm(x)
+    # stored order -> the encoder's slots
+    s, p = cfg.short_len, cfg.pos_len
+    order = [*range(1, 1 + s), 0, *range(1 + s + p, S), *range(s + p, s, -1)]
+    assert torch.equal(got.mask, mask[:, order])
+    torch.testing.assert_close(got.states[got.mask], want[:, order][got.mask], rtol=1e-5, atol=1e-5)
+    newest = newest_item_slot(cfg)
+    assert order[newest] == s  # the newest short-term item's stored row
+
+
 def test_bos_reads_the_newest_item(world):
     """With ``bos_newest_item`` the first code's logits change with the newest item's encoder state."""
     _, codes, ds, _ = world
     model = make_model(ds, codes, bos_newest_item=True, dropout=0.0).eval()
     b = batch_of(ds, range(8))
     enc = model.encode(b)
-    slot = model.cfg.short_len
+    slot = newest_item_slot(model.cfg)
     assert bool(enc.mask[:, slot].all())  # every user here has a newest item, in the last short-term slot
     base = model.decoder(b.target_codes, enc)[0]
     enc.states[3, slot] += 1.0
@@ -572,3 +610,51 @@ def test_generate_at_65536_decoder_rows(world):
         out = model.generate(b, beam_size=256, num_return=10)
     torch.cuda.synchronize()
     assert out.item_ids.shape == (256, 10) and bool((out.item_ids >= 0).all())
+
+
+@requires_cuda
+def test_windowed_attention_matches_the_masked_one(world, monkeypatch):
+    """On CUDA without attention dropout, the encoder's self-attention and the decoder's cross-attention run each
+    user's window of real slots through the fused kernel; with that op forced to its reference backend they run
+    SDPA with the key mask instead. Same loss and gradients (fp32), the same generated items (eager and from the
+    captured decode), and the fused path did run."""
+    import onerec_fast.model.layers as layers
+
+    _, codes, ds, _ = world
+    model = _model(ds, codes, "cuda", n_heads=2, dropout=0.0)  # head_dim 32: the kernel takes it
+    b = batch_of(ds, range(16)).to("cuda")
+    calls = []
+    fused = layers.padded_cross_attention
+    monkeypatch.setattr(layers, "padded_cross_attention", lambda *a, **k: calls.append(1) or fused(*a, **k))
+
+    def loss_and_grads():
+        model.zero_grad(set_to_none=True)
+        loss = model(b)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    def generated(**kw):
+        model.eval()
+        out = model.generate(b, beam_size=8, num_return=5, **kw)
+        model.train()
+        return out
+
+    got = loss_and_grads()
+    assert len(calls) == model.cfg.enc_layers + model.cfg.dec_layers
+    gen, gen_graph = generated(), generated(cuda_graph=True)
+    assert len(calls) > model.cfg.enc_layers + model.cfg.dec_layers  # the encoder's, in generation
+    monkeypatch.setenv("ONEREC_FAST_BACKEND_VARLEN_ATTENTION", "reference")
+    n = len(calls)
+    want, gen_ref = loss_and_grads(), generated()
+    assert len(calls) == n  # no fused call with the reference backend
+    torch.testing.assert_close(got[0], want[0], rtol=1e-4, atol=1e-5)
+    assert len(got[1]) == len(want[1])
+    for a, w in zip(got[1], want[1]):
+        torch.testing.assert_close(a, w, rtol=1e-3, atol=1e-5)
+    # the same items in the same order, except where two neighbours' scores tie within the tolerance
+    s = gen_ref.scores
+    gap = torch.minimum(F.pad(s[:, :-1] - s[:, 1:], (1, 0), value=1.0), F.pad(s[:, :-1] - s[:, 1:], (0, 1), value=1.0))
+    clear = gap.abs() > 1e-3
+    for out in (gen, gen_graph):
+        torch.testing.assert_close(out.scores, s, rtol=1e-4, atol=1e-4)
+        assert torch.equal(out.item_ids[clear], gen_ref.item_ids[clear])

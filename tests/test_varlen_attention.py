@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from onerec_fast.ops.varlen_attention import (
     beam_shared_cross_attention,
     padded_cross_attention,
+    padded_cross_attention_ref,
     varlen_cross_attention,
     varlen_cross_attention_ref,
 )
@@ -269,6 +270,46 @@ def test_padded_matches_reference(device, with_lengths, layout, kv_heads):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_padded_key_window_matches_each_row_sliced(device, backend):
+    """``key_starts``: row b attends k[b, s:s + n] (the encoder's self-attention over one run of real
+    tokens with padding on both sides). Oracle: each row alone, its window sliced out, in float64."""
+    skip_unless_runs(backend, device)
+    batch, length, heads, head_dim = 4, 29, 2, 32
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(batch, heads, length, head_dim, generator=g)  # self-attention shapes: Lq = Lk
+    k = torch.randn(batch, length, heads, head_dim, generator=g)
+    v = torch.randn(batch, length, heads, head_dim, generator=g)
+    starts, lens = torch.tensor([0, 5, 29, 11]), torch.tensor([29, 17, 0, 1])
+    args = [t.to(device).requires_grad_() for t in (q, k, v)]
+    got = _run(lambda q, k, v: padded_cross_attention(q, k, v, lens.to(device), backend=backend, return_lse=True,
+                                                      key_starts=starts.to(device)), *args)
+    qd, kd, vd = _f64(q, k, v)
+    # a row without keys: one key column marked empty (the reference takes a max over the columns)
+    rows = [padded_cross_attention_ref(qd[b:b + 1], kd[b:b + 1, s:s + max(n, 1)], vd[b:b + 1, s:s + max(n, 1)],
+                                       torch.tensor([n]))
+            for b, (s, n) in enumerate(zip([min(s, length - 1) for s in starts.tolist()], lens.tolist()))]
+    out, lse = torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows])
+    g = torch.Generator().manual_seed(1)  # the same random linear loss as _run
+    w_out, w_lse = torch.randn(out.shape, generator=g).double(), torch.randn(lse.shape, generator=g).double()
+    loss = (out * w_out).sum() + (torch.where(torch.isinf(lse), 0.0, lse) * w_lse).sum()
+    want = (out, lse, *torch.autograd.grad(loss, (qd, kd, vd)))
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, want):
+        if name == "lse":
+            _assert_lse(a, b, torch.float32, device)
+        else:
+            assert_close(name, a, b, torch.float32, device)
+    outside = torch.ones(batch, length, dtype=torch.bool)
+    for b, (s, n) in enumerate(zip(starts.tolist(), lens.tolist())):
+        outside[b, s:s + n] = False
+    assert torch.all(got[3].cpu()[outside] == 0) and torch.all(got[4].cpu()[outside] == 0)
+    with pytest.raises(ValueError, match=r"key_starts \+ seqlens_k <= 29\); row 1 has key_starts 5, seqlens_k 25"):
+        padded_cross_attention(*args, torch.tensor([29, 25, 0, 1]).to(device), key_starts=starts.to(device))
+    with pytest.raises(ValueError, match="key_starts needs seqlens_k"):
+        padded_cross_attention(*args, key_starts=starts.to(device))
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("layout", ["jagged", "padded"])
 @pytest.mark.parametrize("backend", ["triton", "reference"])
 def test_beam_shared_matches_replicated_sdpa(device, layout, backend):
@@ -412,7 +453,7 @@ def test_bad_backend_and_layout_raise():
                                    backend="triton")
     assert varlen_cross_attention(q, k, k, args["cu_seqlens_k"]).shape == (3, 2, 3, 48)  # auto: reference
     kp = torch.randn(3, 6, 2, 32)
-    with pytest.raises(ValueError, match=r"seqlens_k must lie in \[0, 6\]"):
+    with pytest.raises(ValueError, match=r"seqlens_k must lie in \[0, 6\] \(k.shape\[1\]\); row 1 has 7"):
         padded_cross_attention(args["q"], kp, kp, torch.tensor([1, 7, 0]))
     with pytest.raises(ValueError, match="needs cu_seqlens_k"):
         beam_shared_cross_attention(torch.randn(3, 4, 4, 32), args["k"], args["v"])

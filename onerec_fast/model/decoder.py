@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from onerec_fast.model.config import OneRecConfig
-from onerec_fast.model.encoder import EncoderOutput
+from onerec_fast.model.encoder import EncoderOutput, newest_item_slot
 from onerec_fast.model.layers import Attention, make_ffn, merge_heads, split_heads
 from onerec_fast.modules.rms_norm import RMSNorm
 
@@ -46,9 +46,9 @@ class DecoderLayer(nn.Module):
         super().__init__()
         d = cfg.d_model
         self.norm1 = RMSNorm(d, eps=cfg.norm_eps, backend=cfg.backend)
-        self.self_attn = Attention(d, cfg.n_heads, cfg.attention_dropout)
+        self.self_attn = Attention(d, cfg.n_heads, cfg.attention_dropout, cfg.backend)
         self.norm2 = RMSNorm(d, eps=cfg.norm_eps, backend=cfg.backend)
-        self.cross_attn = Attention(d, cfg.n_heads, cfg.attention_dropout)
+        self.cross_attn = Attention(d, cfg.n_heads, cfg.attention_dropout, cfg.backend)
         self.norm3 = RMSNorm(d, eps=cfg.norm_eps, backend=cfg.backend)
         self.ffn = make_ffn(cfg, "dec")
         self.drop = nn.Dropout(cfg.dropout)  # residual branches, training only
@@ -238,7 +238,7 @@ class OneRecDecoder(nn.Module):
         (the last short-term slot; zero for a user without history); None without it."""
         if not self.cfg.bos_newest_item:
             return None
-        slot = self.cfg.short_len  # slot 0 is the static token, the newest item sits right-aligned at short_len
+        slot = newest_item_slot(self.cfg)
         return enc.states[:, slot] * enc.mask[:, slot, None]
 
     def cross_kv(self, enc: EncoderOutput) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -267,7 +267,7 @@ class OneRecDecoder(nn.Module):
         for layer in self.layers:
             h = layer.norm1(x)
             x = x + layer.drop(layer.self_attn(h, h, causal=True))
-            x = x + layer.drop(layer.cross_attn(layer.norm2(x), enc.states, key_mask))
+            x = x + layer.drop(layer.cross_attn(layer.norm2(x), enc.states, key_mask, window=enc.window))
             x = x + layer.drop(layer.ffn(layer.norm3(x)))
         h = self.norm(x)
         # in training, the transition prior leaves each row's own occurrences out of its counts

@@ -9,15 +9,20 @@
 * lifelong pathway: the compressed lifelong items (<= ``lifelong_len``) embedded the same way ->
   ``QFormer`` with ``num_queries`` (128) learned queries and ``qformer_blocks`` (2) blocks -> 128 tokens.
 
-The tokens sit in fixed slots ``[static | short | positive | lifelong queries]`` (405 for the TR sizes)
-with learned position embeddings; slots past a user's history length are padding, excluded from every
-attention by a key mask built from the jagged offsets (so results do not depend on other users in the
-batch). Then ``enc_layers`` pre-RMSNorm blocks of full self-attention + FFN (SwiGLU or MoE).
+The tokens sit in ``enc_len`` fixed slots (405 for the TR sizes) with learned position embeddings, in the
+order ``[short | static | lifelong queries | positive]``; slots past a user's history length are padding,
+excluded from every attention by a key mask built from the jagged offsets (so results do not depend on other
+users in the batch). The short-term items are right-aligned and the positive-feedback items left-aligned,
+newest first, so a user's real tokens form one run of slots (``EncoderOutput.window``), which a CUDA step
+attends to with the fused windowed attention instead of a masked one (``model/layers.py``). The position
+embeddings are stored in the order ``[static | short | positive | queries]`` (each pathway's slots oldest to
+newest), the order of earlier versions, so checkpoints load unchanged. Then ``enc_layers`` pre-RMSNorm
+blocks of full self-attention + FFN (SwiGLU or MoE).
 
 Item pathways arrive jagged (``onerec_fast.data.JaggedItems``: ``offsets [B+1]``, ``item [T]``, ``codes
 [T, L]``, ``sparse``/``dense`` ``{name: [T]}``) as the data loader collates them, or padded
-(:class:`PaddedItems`, ``lengths [B]`` and ``[B, N, ...]`` values). Short-term and positive-feedback items are
-right-aligned in their slots (the newest item always sits in the last slot, so positions mean recency).
+(:class:`PaddedItems`, ``lengths [B]`` and ``[B, N, ...]`` values). Each item's position embedding is that of its
+recency within its pathway.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from onerec_fast.model.config import OneRecConfig
 from onerec_fast.model.layers import Attention, make_ffn
 from onerec_fast.modules.rms_norm import RMSNorm
 
-__all__ = ["PaddedItems", "OneRecEncoder", "EncoderOutput", "right_align", "seq_lengths"]
+__all__ = ["PaddedItems", "OneRecEncoder", "EncoderOutput", "newest_item_slot", "right_align", "seq_lengths"]
 
 
 @dataclass
@@ -77,6 +82,11 @@ def seq_lengths(seq) -> torch.Tensor:
     return seq.lengths.long() if _is_padded(seq) else (seq.offsets[1:] - seq.offsets[:-1]).long()
 
 
+def newest_item_slot(cfg: OneRecConfig) -> int:
+    """The encoder slot of each user's newest short-term item (a padding slot for a user without history)."""
+    return cfg.short_len - 1
+
+
 def right_align(values: torch.Tensor, seq, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Place each user's items in ``max_len`` slots, the newest in the last slot.
 
@@ -109,6 +119,14 @@ class EncoderOutput:
     states: torch.Tensor  # [B, S, d] encoder states (padding slots hold finite garbage)
     mask: torch.Tensor  # bool [B, S]: True where a real token sits
     recent: torch.Tensor | None = None  # int64 [B, cfg.transition_window]: newest item ids, newest last, -1 = none
+    # int32 [B] each: the real slots of user b are window_start[b] .. window_start[b] + window_len[b] - 1 (one
+    # run, as the encoder lays them out; the same slots as ``mask``), or None
+    window_start: torch.Tensor | None = None
+    window_len: torch.Tensor | None = None
+
+    @property
+    def window(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return None if self.window_start is None else (self.window_start, self.window_len)
 
     def map_tensors(self, fn) -> "EncoderOutput":
         """``fn`` applied to every field that is set (the transition biases' ``recent`` included): e.g. a clone,
@@ -171,17 +189,19 @@ class EncoderLayer(nn.Module):
     def __init__(self, cfg: OneRecConfig):
         super().__init__()
         self.norm1 = RMSNorm(cfg.d_model, eps=cfg.norm_eps, backend=cfg.backend)
-        self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.attention_dropout)
+        self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.attention_dropout, cfg.backend)
         self.norm2 = RMSNorm(cfg.d_model, eps=cfg.norm_eps, backend=cfg.backend)
         self.ffn = make_ffn(cfg, "enc")
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, key_mask: torch.Tensor, real: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor, real: torch.Tensor | None = None,
+                window: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """``x: [B, S, d]``, ``key_mask: bool [B, 1, 1, S]``; ``real``: int64 ``[T]`` flat indices (into B x S)
         of the real tokens, or None. With ``real`` the FFN runs on those tokens only and padding slots keep
-        their attention output (padding is never a key, and its states are never read)."""
+        their attention output (padding is never a key, and its states are never read). ``window``: the key
+        mask as one run per row (``EncoderOutput.window``), or None."""
         h = self.norm1(x)
-        x = x + self.drop(self.attn(h, h, key_mask))
+        x = x + self.drop(self.attn(h, h, key_mask, window=window))
         if real is None:
             return x + self.drop(self.ffn(self.norm2(x)))
         flat = x.flatten(0, 1)
@@ -207,7 +227,11 @@ class OneRecEncoder(nn.Module):
         self.lifelong_mlp = _MLP(fin, d)
         self.qformer = QFormer(d, num_queries=cfg.num_queries, num_blocks=cfg.qformer_blocks,
                                num_heads=cfg.n_heads, d_ff=cfg.d_ff, backend=cfg.backend)
-        self.pos_emb = nn.Parameter(torch.randn(cfg.enc_len, d) * 0.02)
+        self.pos_emb = nn.Parameter(torch.randn(cfg.enc_len, d) * 0.02)  # stored order: see the module doc
+        # slot -> row of pos_emb: short (rows 1..short_len), static (0), queries, positive newest first
+        s, p = cfg.short_len, cfg.pos_len
+        order = [*range(1, 1 + s), 0, *range(1 + s + p, cfg.enc_len), *range(s + p, s, -1)]
+        self.register_buffer("slot_rows", torch.tensor(order), persistent=False)
         self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.enc_layers))
         self.norm = RMSNorm(d, eps=cfg.norm_eps, backend=cfg.backend)
         self.drop = nn.Dropout(cfg.dropout)
@@ -249,24 +273,28 @@ class OneRecEncoder(nn.Module):
         sh, sh_mask = self.item_tokens(short, self.short_mlp, cfg.short_len)
         po, po_mask = self.item_tokens(positive, self.pos_mlp, cfg.pos_len)
         ll = self.lifelong_tokens(lifelong)
-        x = self.drop(torch.cat([s_tok, sh, po, ll.to(s_tok.dtype)], dim=1) + self.pos_emb)
+        x = self.drop(torch.cat([sh, s_tok, ll.to(s_tok.dtype), po.flip(1)], dim=1) + self.pos_emb[self.slot_rows])
         ones = torch.ones(B, 1, dtype=torch.bool, device=device)
-        mask = torch.cat([ones, sh_mask, po_mask, ones.expand(B, cfg.num_queries)], dim=1)
+        mask = torch.cat([sh_mask, ones, ones.expand(B, cfg.num_queries), po_mask.flip(1)], dim=1)
         key_mask = mask[:, None, None, :]  # [B, 1, 1, S]: padding never serves as a key
+        # the same keys as one run of slots: the short items right-aligned before the static token, the
+        # positive items left-aligned after the queries (check_batch bounds both lengths by their slots)
+        n_short, n_pos = lengths.int(), seq_lengths(positive).int()
+        window = (cfg.short_len - n_short, n_short + 1 + cfg.num_queries + n_pos)
         # A CPU step is compute-bound and most slots of short histories are padding (Amazon Sports: 29 real
         # of 87 slots per user on average): there the FFN runs on the real tokens only (a Sports `small` step
         # 1.35 s -> 1.22 s on a 2-core CPU; MovieLens, 68 of 87 real, gains less). On CUDA the shapes
         # stay fixed (finding the real tokens would sync the host; a GPU step is launch-bound).
         real = mask.flatten().nonzero().squeeze(1) if device.type == "cpu" else None
         for layer in self.layers:
-            x = layer(x, key_mask, real)
+            x = layer(x, key_mask, real, window)
         recent = None
         if cfg.transition_window:
             if short.item is None:
                 raise KeyError("transition_window needs the short-term pathway's item ids (batch.short.item)")
             ids, ok = right_align(short.item, short, cfg.short_len)
             recent = torch.where(ok, ids, -1)[:, cfg.short_len - cfg.transition_window:]
-        return EncoderOutput(self.norm(x), mask, recent)
+        return EncoderOutput(self.norm(x), mask, recent, *window)
 
     def flops(self, short_len: torch.Tensor, pos_len: torch.Tensor, lifelong_len: torch.Tensor,
               backward: bool = False) -> float:

@@ -1,8 +1,11 @@
 """Transformer pieces shared by the OneRec encoder and decoder: attention, SwiGLU, the FFN choice.
 
-Attention runs through ``torch.nn.functional.scaled_dot_product_attention`` (FlashAttention or the
+Attention runs through ``torch.nn.functional.scaled_dot_product_attention`` (FlashAttention, cuDNN or the
 memory-efficient kernel on GPUs, chosen by PyTorch); padding is a boolean key mask built from the
-jagged offsets, so padded slots never influence a real token.
+jagged offsets, so padded slots never influence a real token. Where each row's real keys form one run
+(``window``: the encoder's slot layout) and no attention dropout is active, a CUDA step runs the window
+through ``onerec_fast.ops.padded_cross_attention`` (``key_starts``) instead: cuDNN's attention with a key
+mask took 4.3 of the 0.015b step's 20 ms on Amazon Sports (H100, benchmarks/RESULTS.md, session 15).
 """
 
 from __future__ import annotations
@@ -10,6 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from onerec_fast.ops.varlen_attention import padded_cross_attention, runs_fused
 
 __all__ = ["Attention", "SwiGLU", "make_ffn", "moe_layers", "split_heads", "merge_heads"]
 
@@ -34,9 +39,9 @@ class Attention(nn.Module):
     (the encoder states for every decoding step and every beam; the self-attention KV cache).
     """
 
-    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0):
+    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, backend: str = "auto"):
         super().__init__()
-        self.n_heads, self.dropout = n_heads, dropout
+        self.n_heads, self.dropout, self.backend = n_heads, dropout, backend
         self.q = nn.Linear(d_model, d_model, bias=False)
         self.kv = nn.Linear(d_model, 2 * d_model, bias=False)
         self.o = nn.Linear(d_model, d_model, bias=False)
@@ -46,18 +51,24 @@ class Attention(nn.Module):
         return split_heads(k, self.n_heads), split_heads(v, self.n_heads)
 
     def attend(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
-               causal: bool = False) -> torch.Tensor:
-        """``x: [..., Lq, d]`` queries against ``k, v: [..., H, S, Dh]``; ``mask``: bool broadcastable to
-        ``[..., H, Lq, S]`` (True = may attend). Returns ``[..., Lq, d]``."""
+               causal: bool = False, window: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """``x: [B, Lq, d]`` queries against ``k, v: [B, H, S, Dh]``; ``mask``: bool broadcastable to
+        ``[B, H, Lq, S]`` (True = may attend). ``window``: int32 ``([B], [B])``, each row's first real key and
+        their number, the same keys as ``mask`` (which must be given too): the fused path where it runs. Returns
+        ``[B, Lq, d]``."""
         q = split_heads(self.q(x), self.n_heads)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                             dropout_p=self.dropout if self.training else 0.0)
+        p = self.dropout if self.training else 0.0
+        if window is not None and not causal and p == 0.0 and q.is_cuda and runs_fused(q, self.backend):
+            out = padded_cross_attention(q, k.transpose(1, 2), v.transpose(1, 2), window[1], backend=self.backend,
+                                         validate=False, key_starts=window[0])
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=p)
         return self.o(merge_heads(out))
 
     def forward(self, x: torch.Tensor, src: torch.Tensor, mask: torch.Tensor | None = None,
-                causal: bool = False) -> torch.Tensor:
+                causal: bool = False, window: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         k, v = self.project_kv(src)
-        return self.attend(x, k, v, mask, causal)
+        return self.attend(x, k, v, mask, causal, window)
 
 
 class SwiGLU(nn.Module):

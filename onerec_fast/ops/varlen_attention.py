@@ -37,6 +37,7 @@ __all__ = [
     "beam_shared_cross_attention",
     "varlen_cross_attention_ref",
     "padded_cross_attention_ref",
+    "runs_fused",
 ]
 
 _OP = "varlen_attention"
@@ -51,12 +52,14 @@ _INDEX_DTYPES = (torch.int32, torch.int64)
 
 
 def padded_cross_attention_ref(q: Tensor, k: Tensor, v: Tensor, seqlens_k: Tensor | None = None,
-                               softmax_scale: float | None = None) -> tuple[Tensor, Tensor]:
+                               softmax_scale: float | None = None,
+                               key_starts: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Plain PyTorch cross-attention over padded keys/values, computed in float32 (float64 stays).
 
     ``q: [B, Hq, Lq, D]`` or shared ``[Hq, Lq, D]``; ``k, v: [B, L, Hkv, D]``; ``seqlens_k: [B]``
-    (row b attends to ``k[b, :seqlens_k[b]]``; None: all L). Returns ``out: [B, Hq, Lq, D]`` in q's
-    dtype and ``lse: [B, Hq, Lq]`` (float32, float64 for float64 input; -inf for rows without keys).
+    (row b attends to ``k[b, s:s + seqlens_k[b]]`` with ``s = key_starts[b]``, 0 without ``key_starts``;
+    None: all L). Returns ``out: [B, Hq, Lq, D]`` in q's dtype and ``lse: [B, Hq, Lq]`` (float32, float64
+    for float64 input; -inf for rows without keys).
     """
     batch, length, num_kv_heads, head_dim = k.shape
     scale = head_dim**-0.5 if softmax_scale is None else softmax_scale
@@ -68,7 +71,9 @@ def padded_cross_attention_ref(q: Tensor, k: Tensor, v: Tensor, seqlens_k: Tenso
         seqlens_k = torch.full((batch,), length, device=k.device)
     qf = qf.expand(batch, *q.shape[-3:])  # shared queries: a view, and autograd sums their gradient over rows
     scores = torch.einsum("bhmd,bnhd->bhmn", qf, kf) * scale  # [B, Hq, Lq, L]
-    valid = torch.arange(length, device=k.device) < seqlens_k[:, None]  # [B, L]
+    slot = torch.arange(length, device=k.device)
+    start = torch.zeros_like(seqlens_k) if key_starts is None else key_starts
+    valid = (slot >= start[:, None]) & (slot < (start + seqlens_k)[:, None])  # [B, L]
     scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
     has_keys = (seqlens_k > 0)[:, None, None, None]
     # Softmax written out so that rows without keys give exact zeros and finite (zero) gradients:
@@ -271,17 +276,27 @@ def _validating(validate: bool, t: Tensor) -> bool:
     return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
+def _unsupported(q: Tensor) -> str | None:
+    """Why the triton kernel does not take queries like ``q``, or None."""
+    kern = _kernels("triton")
+    if q.shape[-1] not in kern.SUPPORTED_HEAD_DIMS:
+        return f"supports head_dim in {kern.SUPPORTED_HEAD_DIMS}, got {q.shape[-1]}"
+    if q.dtype not in FLOAT_DTYPES:
+        return f"supports dtypes {[str(d) for d in FLOAT_DTYPES]}, got {q.dtype}"
+    return None
+
+
 def _pick_backend(backend: str | None, q: Tensor) -> str:
     name = resolve_backend(_OP, backend, q.device, _IMPLEMENTED)
     if name != "triton":
         return name
-    kern = _kernels(name)
-    why = None
-    if q.shape[-1] not in kern.SUPPORTED_HEAD_DIMS:
-        why = f"supports head_dim in {kern.SUPPORTED_HEAD_DIMS}, got {q.shape[-1]}"
-    elif q.dtype not in FLOAT_DTYPES:
-        why = f"supports dtypes {[str(d) for d in FLOAT_DTYPES]}, got {q.dtype}"
-    return triton_unless_unsupported(_OP, backend, q.device, why)
+    return triton_unless_unsupported(_OP, backend, q.device, _unsupported(q))
+
+
+def runs_fused(q: Tensor, backend: str = "auto") -> bool:
+    """Whether a call with queries like ``q`` (``[..., Hq, Lq, D]``) and ``backend`` runs the triton kernel, not
+    the reference: for callers with a faster path of their own than the reference (SDPA with a mask)."""
+    return resolve_backend(_OP, backend, q.device, _IMPLEMENTED) == "triton" and _unsupported(q) is None
 
 
 def _scale(softmax_scale, head_dim: int) -> float:
@@ -336,14 +351,18 @@ def varlen_cross_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_k: Tensor
 
 def padded_cross_attention(q: Tensor, k: Tensor, v: Tensor, seqlens_k: Tensor | None = None,
                            softmax_scale: float | None = None, backend: str = "auto", *, return_lse: bool = False,
-                           validate: bool = True):
+                           validate: bool = True, key_starts: Tensor | None = None):
     """Cross-attention over padded keys/values, without packing them.
 
     Args:
         q: ``[B, Hq, Lq, D]`` or shared ``[Hq, Lq, D]``.
-        k, v: ``[B, Lk, Hkv, D]``; row b attends to ``k[b, :seqlens_k[b]]``. Any dense layout is read
-            in place, e.g. a ``[B, Hkv, Lk, D]`` cache passed as ``cache.transpose(1, 2)``.
-        seqlens_k: int ``[B]`` with values in ``[0, Lk]``; None means all Lk keys of every row.
+        k, v: ``[B, Lk, Hkv, D]``; row b attends to the window ``k[b, s:s + seqlens_k[b]]`` with
+            ``s = key_starts[b]`` (0 without ``key_starts``). Any dense layout is read in place, e.g. a
+            ``[B, Hkv, Lk, D]`` cache passed as ``cache.transpose(1, 2)``.
+        seqlens_k: int ``[B]`` with values in ``[0, Lk]``; None means all Lk keys of every row (then
+            ``key_starts`` must be None).
+        key_starts: int ``[B]``, each window's first key, with ``key_starts + seqlens_k <= Lk``: the
+            self-attention of a padded sequence whose real tokens are one run with padding on both sides.
         softmax_scale, backend, return_lse, validate: as in :func:`varlen_cross_attention`.
 
     Returns:
@@ -353,24 +372,36 @@ def padded_cross_attention(q: Tensor, k: Tensor, v: Tensor, seqlens_k: Tensor | 
     batch, length = k.shape[:2]
     if q.dim() == 4:
         check_dim("q", q, 0, batch, "rows of k")
-    if seqlens_k is not None:
-        check_tensor("seqlens_k", seqlens_k, ndim=1, dtype=_INDEX_DTYPES)
-        check_same("k", k, "seqlens_k", seqlens_k, dtype=False)
-        check_dim("seqlens_k", seqlens_k, 0, batch, "rows of k")
-        if _validating(validate, seqlens_k) and batch > 0:
-            lo, hi = (int(x) for x in torch.aminmax(seqlens_k))
-            if lo < 0 or hi > length:
-                raise ValueError(f"seqlens_k must lie in [0, {length}] (k.shape[1]), got values in [{lo}, {hi}]")
+    if key_starts is not None and seqlens_k is None:
+        raise ValueError("key_starts needs seqlens_k (each window's length)")
+    for name, lens in (("seqlens_k", seqlens_k), ("key_starts", key_starts)):
+        if lens is not None:
+            check_tensor(name, lens, ndim=1, dtype=_INDEX_DTYPES)
+            check_same("k", k, name, lens, dtype=False)
+            check_dim(name, lens, 0, batch, "rows of k")
+    if seqlens_k is not None and _validating(validate, seqlens_k) and batch > 0:
+        first = torch.zeros_like(seqlens_k) if key_starts is None else key_starts
+        bad = (seqlens_k < 0) | (first < 0) | (first + seqlens_k > length)
+        if bool(bad.any()):
+            row = int(bad.nonzero()[0])
+            if key_starts is None:
+                raise ValueError(f"seqlens_k must lie in [0, {length}] (k.shape[1]); row {row} has "
+                                 f"{int(seqlens_k[row])}")
+            raise ValueError(f"each key window must lie in k's {length} keys (key_starts >= 0, seqlens_k >= 0, "
+                             f"key_starts + seqlens_k <= {length}); row {row} has key_starts {int(first[row])}, "
+                             f"seqlens_k {int(seqlens_k[row])}")
     scale = _scale(softmax_scale, q.shape[-1])
     name = _pick_backend(backend, q)
     if name == "reference":
-        out, lse = padded_cross_attention_ref(q, k, v, seqlens_k, scale)
+        out, lse = padded_cross_attention_ref(q, k, v, seqlens_k, scale, key_starts)
     else:
         if not (_rows_of_keys(k) and v.stride() == k.stride()):
             k, v = k.contiguous(), v.contiguous()
         # The kernel addresses key t of the tensor at t * k.stride(1): row b starts at key b * unit.
         unit = k.stride(0) // k.stride(1) if length > 0 else 0
         starts = torch.arange(batch, device=k.device, dtype=torch.int32) * unit
+        if key_starts is not None:
+            starts = starts + key_starts.to(torch.int32)
         ends = starts + (length if seqlens_k is None else seqlens_k.to(torch.int32))
         out, lse = _varlen_attention_fwd(q, k, v, starts, ends, scale, seqlens_k is None, name)
     return (out, lse) if return_lse else out
