@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from onerec_fast.model.config import PARAM_MARGIN, PRESETS, OneRecConfig, nominal_parameters
 from onerec_fast.model.encoder import PaddedItems, newest_item_slot
 from onerec_fast.model.onerec import OneRec, TransitionTable, with_transitions
-from tests.helpers import DEVICES, TRITON_DEVICES, requires_cuda
+from tests.helpers import DEVICES, TRITON_DEVICES, assert_close, requires_cuda
 from tests.model_world import POS, QUERIES, SHORT, batch_of, make_model, one_thread, world  # noqa: F401 (fixtures)
 
 
@@ -631,7 +631,7 @@ def test_windowed_attention_matches_the_masked_one(world, monkeypatch):
         model.zero_grad(set_to_none=True)
         loss = model(b)
         loss.backward()
-        return loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     def generated(**kw):
         model.eval()
@@ -647,14 +647,18 @@ def test_windowed_attention_matches_the_masked_one(world, monkeypatch):
     n = len(calls)
     want, gen_ref = loss_and_grads(), generated()
     assert len(calls) == n  # no fused call with the reference backend
-    torch.testing.assert_close(got[0], want[0], rtol=1e-4, atol=1e-5)
-    assert len(got[1]) == len(want[1])
-    for a, w in zip(got[1], want[1]):
-        torch.testing.assert_close(a, w, rtol=1e-3, atol=1e-5)
+    # fp32 on the GPU: the Triton kernels' dots run in tf32, hence the project's fp32 GPU tolerance (tests/helpers.py);
+    # an element-wise bound failed on near-zero gradient entries (3.9e-5 apart, H100, session 17)
+    assert_close("loss", got[0], want[0], torch.float32)
+    assert got[1].keys() == want[1].keys()
+    for name in got[1]:
+        assert_close(name, got[1][name], want[1][name], torch.float32)
     # the same items in the same order, except where two neighbours' scores tie within the tolerance
     s = gen_ref.scores
     gap = torch.minimum(F.pad(s[:, :-1] - s[:, 1:], (1, 0), value=1.0), F.pad(s[:, :-1] - s[:, 1:], (0, 1), value=1.0))
-    clear = gap.abs() > 1e-3
+    clear = gap.abs() > 1e-2
     for out in (gen, gen_graph):
-        torch.testing.assert_close(out.scores, s, rtol=1e-4, atol=1e-4)
+        fin = torch.isfinite(s)
+        assert torch.equal(torch.isfinite(out.scores), fin)
+        assert_close("scores", out.scores[fin], s[fin], torch.float32)
         assert torch.equal(out.item_ids[clear], gen_ref.item_ids[clear])

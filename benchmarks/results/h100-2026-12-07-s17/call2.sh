@@ -9,7 +9,7 @@ source benchmarks/results/h100-2026-12-07-s13/setup.sh
 D=scratch/data/sports.txt
 timeout 90 python -m pytest -q tests/test_model.py tests/test_varlen_attention.py -k "window or padded or cuda_graph" > $R/tests.log 2>&1; tail -4 $R/tests.log
 P=benchmarks/profile_train_step.py
-PYTHONPATH=$PWD/scratch/base timeout 45 python $P $D $R/prof_base --presets 0.015b --modes graph --steps 100 > $R/prof_base.jsonl 2> $R/prof_base.err; cat $R/prof_base.jsonl
+PYTHONPATH=$PWD/scratch/base timeout 60 python $P $D $R/prof_base --presets 0.015b --modes graph eager --steps 100 > $R/prof_base.jsonl 2> $R/prof_base.err; cat $R/prof_base.jsonl
 timeout 60 python $P $D $R/prof_new --presets 0.015b --modes graph eager --steps 100 > $R/prof_new.jsonl 2> $R/prof_new.err; cat $R/prof_new.jsonl
 find $R -name "*.pt" -delete
 head -30 $R/prof_new/prof_0.015b.txt | cut -c1-58,100-135

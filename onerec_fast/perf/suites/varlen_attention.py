@@ -12,7 +12,11 @@ Implementations, all on the same inputs:
 * ``flex_attention``   -- FlexAttention (compiled) on the padded keys with a block mask;
 * ``triton``           -- this package's kernel on the jagged keys/values.
 
-FLOPs count real (unpadded) keys only. Then the whole QFormer (2 blocks, d=1024, 128 queries)
+FLOPs count real (unpadded) keys only. The encoder's self-attention (the 0.015b model on Amazon Sports: 256
+users x 199 slots, 5 heads of 32; each user's real slots one window with padding on both sides, forward and
+forward+backward): ``sdpa_mask`` (SDPA with the boolean key mask, the speedup column's base), FlexAttention with
+a block mask of the window, the reference backend, and ``triton`` (``padded_cross_attention(key_starts=...)``).
+Then the whole QFormer (2 blocks, d=1024, 128 queries)
 forward+backward, triton vs reference backend, and the decode case: 64 users x 128 beams over each
 user's 405 encoder states (Hq=8, D=128), against SDPA over keys/values replicated per beam.
 """
@@ -161,6 +165,59 @@ def _attention_case(device, dtype, batch, seqlen_q, k_range, heads, kv_heads, he
                         "backward": backward})
 
 
+def _window_case(device, dtype, batch, length, heads, head_dim, backward, quick) -> Case:
+    """Self-attention of ``[B, S]`` slots where user b's real slots are ``lo[b] <= s < hi[b]`` (the encoder's
+    layout: padding before the short-term items and after the positive-feedback ones)."""
+    from onerec_fast.ops.varlen_attention import padded_cross_attention
+
+    g = torch.Generator().manual_seed(length)
+    lo = torch.randint(0, min(20, length), (batch,), generator=g)
+    hi = torch.maximum(lo + 1, torch.randint(max(length - 50, 1), length + 1, (batch,), generator=g))
+    flops = attention_flops([length] * batch, (hi - lo).tolist(), heads, head_dim, backward=backward)
+
+    def setup():
+        gen = torch.Generator().manual_seed(0)
+        qkv = torch.randn(batch, length, 3, heads, head_dim, generator=gen).to(device, dtype).requires_grad_(backward)
+        dout = torch.randn(batch, heads, length, head_dim, generator=gen).to(device, dtype)
+        slot = torch.arange(length, device=device)
+        lo_d, hi_d = lo.to(device), hi.to(device)
+        mask = (slot[None] >= lo_d[:, None]) & (slot[None] < hi_d[:, None])
+        return {"qkv": qkv, "dout": dout, "leaves": [qkv], "lo": lo_d, "hi": hi_d, "mask": mask}
+
+    def heads_first(x):  # q, k, v: [B, H, S, D] views of the projection, as the model's split_heads gives
+        return [t.transpose(1, 2) for t in x["qkv"].unbind(2)]
+
+    def ours(backend):
+        def make(x):
+            def run():
+                q, k, v = heads_first(x)
+                return padded_cross_attention(q, k.transpose(1, 2), v.transpose(1, 2), (x["hi"] - x["lo"]).int(),
+                                              backend=backend, validate=False, key_starts=x["lo"].int())
+            return _timed(run, x, backward)
+        return make
+
+    def sdpa_mask(x):
+        key_mask = x["mask"][:, None, None, :]
+        return _timed(lambda: F.scaled_dot_product_attention(*heads_first(x), attn_mask=key_mask), x, backward)
+
+    def flex(x):
+        if quick:
+            raise Unavailable("not in the quick (CPU) run: compiling FlexAttention takes minutes there")
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        lo_d, hi_d = x["lo"], x["hi"]
+        block_mask = create_block_mask(lambda b, h, q_idx, kv_idx: (kv_idx >= lo_d[b]) & (kv_idx < hi_d[b]), batch,
+                                       None, length, length, device=device)
+        compiled = _compiled_flex_attention()
+        return _timed(lambda: compiled(*heads_first(x), block_mask=block_mask), x, backward)
+
+    impls = {"sdpa_mask": _probe(sdpa_mask), "flex_attention": _probe(flex), "reference": _probe(ours("reference")),
+             "triton": _probe(ours("triton"))}
+    name = f"window self-attn B{batch} S{length} h{heads} d{head_dim} {'fwd+bwd' if backward else 'fwd'}"
+    return Case(SUITE, name, flops, setup, impls, reference="sdpa_mask", dtype=dtype,
+                params={"B": batch, "S": length, "H": heads, "D": head_dim, "backward": backward})
+
+
 def qformer_flops(batch: int, lengths: list[int], d_model: int, d_kv: int, num_queries: int, num_blocks: int,
                   num_heads: int, d_ff: int, backward: bool) -> float:
     """Useful FLOPs of :class:`onerec_fast.QFormer`: projections, cross-attention over real keys,
@@ -251,6 +308,7 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
         return [
             _attention_case(device, dt, 3, 8, (5, 40), 2, 1, 32, False, True),
             _attention_case(device, dt, 3, 8, (5, 40), 2, 1, 32, True, True),
+            _window_case(device, dt, 3, 29, 2, 32, True, True),
             _qformer_case(device, dt, 2, (5, 40), 64, 8, 1, 2, True),
             _beam_case(device, dt, 2, 4, 21, 2, 32),
         ]
@@ -261,6 +319,8 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
             for backward in (False, True):
                 out.append(_attention_case(device, dt, batch, 128, (512, 2048), heads, kv_heads, head_dim, backward,
                                            False))
+    for backward in (False, True):
+        out.append(_window_case(device, dt, 256, 199, 5, 32, backward, False))
     out.append(_qformer_case(device, dt, 256, (512, 2048), 1024, 128, 2, 8, False))
     out.append(_beam_case(device, dt, 64, 128, 405, 8, 128))
     return out
