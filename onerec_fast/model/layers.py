@@ -52,10 +52,10 @@ class Attention(nn.Module):
 
     def attend(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
                causal: bool = False, window: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """``x: [B, Lq, d]`` queries against ``k, v: [B, H, S, Dh]``; ``mask``: bool broadcastable to
-        ``[B, H, Lq, S]`` (True = may attend). ``window``: int32 ``([B], [B])``, each row's first real key and
-        their number, the same keys as ``mask`` (which must be given too): the fused path where it runs. Returns
-        ``[B, Lq, d]``."""
+        """``x: [..., Lq, d]`` queries against ``k, v: [..., H, S, Dh]``; ``mask``: bool broadcastable to
+        ``[..., H, Lq, S]`` (True = may attend). ``window`` (with ``x: [B, Lq, d]``, ``k, v: [B, H, S, Dh]``):
+        int32 ``([B], [B])``, each row's first real key and their number, the same keys as ``mask`` (which must
+        be given too): the fused path where it runs. Returns ``[..., Lq, d]``."""
         q = split_heads(self.q(x), self.n_heads)
         p = self.dropout if self.training else 0.0
         if window is not None and not causal and p == 0.0 and q.is_cuda and runs_fused(q, self.backend):
