@@ -175,7 +175,8 @@ def test_sasrec_early_stops_on_validation_and_is_cached(world, monkeypatch, caps
 
 
 def test_recipes():
-    assert choose_recipe("auto", 296_337).name == "small"
+    assert choose_recipe("auto", 296_337).name == "small"  # Amazon Sports
+    assert choose_recipe("auto", 3_700_000).name == "small"  # Steam as SASRec preprocesses it
     assert choose_recipe("auto", SMALL_MAX_INTERACTIONS + 1).name == "tr"
     with pytest.raises(ValueError, match="recipe"):
         choose_recipe("huge", 10)
