@@ -271,13 +271,15 @@ def test_padded_matches_reference(device, with_lengths, layout, kv_heads):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", ["triton", "reference"])
-def test_padded_key_window_matches_each_row_sliced(device, backend):
+@pytest.mark.parametrize("shared_q", [False, True], ids=["rows", "shared"])
+def test_padded_key_window_matches_each_row_sliced(device, backend, shared_q):
     """``key_starts``: row b attends k[b, s:s + n] (the encoder's self-attention over one run of real
-    tokens with padding on both sides). Oracle: each row alone, its window sliced out, in float64."""
+    tokens with padding on both sides; with queries shared by the rows, as the QFormer's). Oracle: each row
+    alone, its window sliced out, in float64."""
     skip_unless_runs(backend, device)
     batch, length, heads, head_dim = 4, 29, 2, 32
     g = torch.Generator().manual_seed(3)
-    q = torch.randn(batch, heads, length, head_dim, generator=g)  # self-attention shapes: Lq = Lk
+    q = torch.randn(*(() if shared_q else (batch,)), heads, length, head_dim, generator=g)  # Lq = Lk
     k = torch.randn(batch, length, heads, head_dim, generator=g)
     v = torch.randn(batch, length, heads, head_dim, generator=g)
     starts, lens = torch.tensor([0, 5, 29, 11]), torch.tensor([29, 17, 0, 1])
@@ -286,7 +288,8 @@ def test_padded_key_window_matches_each_row_sliced(device, backend):
                                                       key_starts=starts.to(device)), *args)
     qd, kd, vd = _f64(q, k, v)
     # a row without keys: one key column marked empty (the reference takes a max over the columns)
-    rows = [padded_cross_attention_ref(qd[b:b + 1], kd[b:b + 1, s:s + max(n, 1)], vd[b:b + 1, s:s + max(n, 1)],
+    rows = [padded_cross_attention_ref(qd if shared_q else qd[b:b + 1], kd[b:b + 1, s:s + max(n, 1)],
+                                       vd[b:b + 1, s:s + max(n, 1)],
                                        torch.tensor([n]))
             for b, (s, n) in enumerate(zip([min(s, length - 1) for s in starts.tolist()], lens.tolist()))]
     out, lse = torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows])
