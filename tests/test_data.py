@@ -107,7 +107,9 @@ def test_interactions_table_with_features(tmp_path):
 @pytest.mark.parametrize("text,kw,where", [
     ("user,item,timestamp,like\nu,1,5,1\nu,2,6,yes\n", {}, ("log.csv:3", "'like'", "'yes'")),
     ("user,item,timestamp\nu,1,5\nu,2\n", {}, ("log.csv:3", "'timestamp'", "3 comma-separated")),
-    ("user,item,time\nu,1,5\n", {}, ("log.csv:1", "'timestamp'", "missing")),
+    ("user,item,when\nu,1,5\n", {}, ("log.csv:1", "'timestamp'", "missing", "'unixReviewTime'")),
+    ("user_id,userId,item,timestamp\nu,v,1,5\n", {}, ("log.csv:1", "'user'", "['user_id', 'userId']")),
+    ("user,item,timestamp\nu,1,5\n", {"item_col": "asin"}, ("log.csv:1", "'asin'", "missing")),
     ("user,item,timestamp\nu,1,noon\n", {}, ("log.csv:2", "'timestamp'", "'noon'")),
     ("", {}, ("log.csv:1", "header")),
 ])
@@ -117,6 +119,40 @@ def test_malformed_table(tmp_path, text, kw, where):
         load_interactions_table(tmp_path / "log.csv", **kw)
     for part in where:
         assert part in str(e.value)
+
+
+def test_table_columns_found_by_their_common_names(tmp_path):
+    """MovieLens' CSV releases, Amazon reviews and Yelp name their columns otherwise; a caller's names win."""
+    (tmp_path / "ml.csv").write_text("userId,movieId,rating,timestamp\n7,3,4.5,20\n7,1,2.0,10\n9,3,5.0,30\n")
+    log = load_interactions_table(tmp_path / "ml.csv")
+    assert (log.num_users, log.num_items, len(log)) == (2, 2, 3) and list(log.engagement) == ["rating"]
+    assert log.item.tolist() == [0, 1, 1] and log.timestamp.tolist() == [10, 20, 30]
+    (tmp_path / "az.csv").write_text("reviewerID,asin,overall,unixReviewTime\nA1,B9,5,1400000000\n")
+    assert load_interactions_table(tmp_path / "az.csv").item_raw_ids.tolist() == ["B9"]
+    (tmp_path / "two.csv").write_text("user,item,iid,timestamp\nu,1,8,5\nu,2,9,6\n")
+    log = load_interactions_table(tmp_path / "two.csv", item_col="iid", engagement_cols=[])
+    assert log.item_raw_ids.tolist() == [8, 9] and not log.engagement
+
+
+def test_movielens_csv_release(tmp_path):
+    """A ML-20M-style folder (``ratings.csv`` + ``movies.csv``), or its ratings file, loads as MovieLens (the positive
+    rule ``rating>=4``); a ``ratings.csv`` elsewhere is a generic table (every interaction positive)."""
+    folder = tmp_path / "ml-20m"
+    folder.mkdir()
+    (folder / "ratings.csv").write_text("userId,movieId,rating,timestamp\n1,2,3.5,1112486027\n1,29,4.0,1112484676\n"
+                                        "2,2,4.5,1112484580\n")
+    (folder / "movies.csv").write_text('movieId,title,genres\n2,Jumanji (1995),Adventure|Children\n'
+                                       '29,"City of Lost Children, The (1995)",Fantasy\n')
+    for spec in (folder, folder / "ratings.csv"):
+        log, _ = load_source(str(spec))
+        assert (log.name, log.positive_rule, len(log), log.num_items) == ("ml-20m", "rating>=4", 3, 2)
+        np.testing.assert_allclose(log.engagement["rating"], [4.0, 3.5, 4.5])
+    (folder / "movies.csv").unlink()
+    log, _ = load_source(str(folder / "ratings.csv"))
+    assert (log.name, log.positive_rule) == ("ratings", "")
+    (folder / "ratings.csv").unlink()
+    with pytest.raises(FileNotFoundError, match="no MovieLens ratings found"):
+        load_source(str(folder))
 
 
 def test_parquet_needs_pyarrow_or_loads(tmp_path):

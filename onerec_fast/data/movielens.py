@@ -1,5 +1,6 @@
-"""MovieLens loaders: ML-100K (``u.data``, ``u.item``, ``u.user``) and ML-1M (``ratings.dat``, ``movies.dat``,
-``users.dat``), to an :class:`InteractionLog`.
+"""MovieLens loaders: ML-100K (``u.data``, ``u.item``, ``u.user``), ML-1M (``ratings.dat``, ``movies.dat``,
+``users.dat``) and the CSV releases (ML-10M/20M/25M/latest: ``ratings.csv`` with ``userId,movieId,rating,timestamp``;
+its ratings only, no item or user features), to an :class:`InteractionLog`.
 
 * engagement: ``rating`` (int 1..5); the default positive rule is ``rating>=4``.
 * item features: ``genre`` (int, first listed genre + 1, 0 = none), ``genres`` (float multi-hot ``[I, G]``, a content
@@ -23,8 +24,9 @@ import numpy as np
 
 from onerec_fast.data._parse import fast_int_table, read_rows, to_int
 from onerec_fast.data.log import DataFormatError, InteractionLog
+from onerec_fast.data.tables import load_interactions_table
 
-__all__ = ["load_movielens", "load_ml100k", "load_ml1m"]
+__all__ = ["load_movielens", "load_ml100k", "load_ml1m", "load_ml_csv"]
 
 ML100K_GENRES = ("unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary",
                  "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller",
@@ -36,13 +38,24 @@ _ENC = "latin-1"  # both releases are ISO-8859-1
 
 
 def load_movielens(path: str | Path) -> InteractionLog:
-    """Load ML-100K or ML-1M from its folder (detected by ``u.data`` / ``ratings.dat``)."""
+    """Load a MovieLens release from its folder (detected by ``u.data``, ``ratings.dat`` or ``ratings.csv``)."""
     p = Path(path)
     if (p / "u.data").exists():
         return load_ml100k(p)
     if (p / "ratings.dat").exists():
         return load_ml1m(p)
-    raise FileNotFoundError(f"{p}: neither u.data (ML-100K) nor ratings.dat (ML-1M) found")
+    if (p / "ratings.csv").exists():
+        return load_ml_csv(p)
+    raise FileNotFoundError(f"{p}: no MovieLens ratings found (u.data: ML-100K, ratings.dat: ML-1M, ratings.csv: "
+                            "the CSV releases)")
+
+
+def load_ml_csv(path: str | Path) -> InteractionLog:
+    """A CSV release of MovieLens (ML-20M, ML-25M, ml-latest): ``ratings.csv`` (``userId,movieId,rating,timestamp``,
+    ratings 0.5..5 in half stars), the positive rule ``rating>=4`` as for ML-100K/1M."""
+    p = Path(path)
+    return load_interactions_table(p / "ratings.csv", user_col="userId", item_col="movieId", time_col="timestamp",
+                                   engagement_cols=["rating"], positive_rule="rating>=4", name=p.name)
 
 
 def _age_bucket(age: int) -> int:

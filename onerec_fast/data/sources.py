@@ -3,9 +3,10 @@
 ``load_source(spec)``:
 
 * ``"synthetic"`` -> the synthetic world (``synthetic_overrides`` are :class:`SyntheticConfig` fields);
-* a folder with ``u.data`` (ML-100K) or ``ratings.dat`` (ML-1M), or that file itself -> MovieLens;
+* a folder with ``u.data`` (ML-100K), ``ratings.dat`` (ML-1M) or ``ratings.csv`` (the CSV releases, ML-20M...), or
+  that file itself (``ratings.csv`` beside a ``movies.csv``) -> MovieLens;
 * a ``.csv`` / ``.parquet`` file -> the generic interactions table (``table_kwargs`` as for
-  :func:`load_interactions_table`);
+  :func:`load_interactions_table`; the user, item and time columns found by their common names);
 * any other file -> SASRec-style sequences (``user item item ...``).
 """
 
@@ -34,8 +35,8 @@ def load_source(spec: str, *, seed: int = 0, synthetic_overrides: dict | None = 
     p = Path(spec)
     if p.is_dir():
         return load_movielens(p), None
-    if p.name in _MOVIELENS_FILES and p.is_file():  # the ratings file of a MovieLens folder: the folder
-        return load_movielens(p.parent), None
+    if p.is_file() and (p.name in _MOVIELENS_FILES or (p.name == "ratings.csv" and (p.parent / "movies.csv").exists())):
+        return load_movielens(p.parent), None  # the ratings file of a MovieLens folder: the folder
     if not p.exists():
         raise FileNotFoundError(f"data source {spec!r}: not 'synthetic' and no such file or folder")
     if p.suffix.lower() in (".csv", ".parquet", ".pq"):

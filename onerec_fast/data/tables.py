@@ -25,7 +25,7 @@ import numpy as np
 from onerec_fast.data._parse import INT64, decode_error
 from onerec_fast.data.log import DataFormatError, InteractionLog, dense_ids
 
-__all__ = ["load_interactions_table", "read_table"]
+__all__ = ["COLUMN_NAMES", "load_interactions_table", "read_table"]
 
 
 def read_table(path: str | Path) -> tuple[dict[str, list], list[int]]:
@@ -151,21 +151,50 @@ def _features(path, lines, cols: dict, key: str, vocab: np.ndarray) -> dict[str,
     return out
 
 
-def load_interactions_table(path: str | Path, *, user_col: str = "user", item_col: str = "item",
-                            time_col: str = "timestamp", engagement_cols: list[str] | None = None,
+# The names public interaction tables give their user, item and time columns (MovieLens 20M/25M ``userId,movieId``;
+# Amazon reviews ``reviewerID,asin,unixReviewTime``; Yelp ``user_id,business_id``), tried in this order when the
+# caller names none: exactly one of a role's names must be present.
+COLUMN_NAMES = {
+    "user": ("user", "user_id", "userId", "userid", "uid", "reviewerID"),
+    "item": ("item", "item_id", "itemId", "itemid", "iid", "movieId", "asin", "business_id"),
+    "timestamp": ("timestamp", "time", "ts", "unixReviewTime"),
+}
+
+
+def _column(path: Path, cols: dict, role: str, given: str | None) -> str:
+    """The column holding ``role`` ("user", "item" or "timestamp"): ``given``, or the one name of
+    :data:`COLUMN_NAMES` that the table has."""
+    if given is not None:
+        if given not in cols:
+            raise DataFormatError(path, 1, given, f"required column missing (columns: {sorted(cols)})")
+        return given
+    found = [c for c in COLUMN_NAMES[role] if c in cols]
+    if not found:
+        raise DataFormatError(path, 1, role, f"required column missing: none of {list(COLUMN_NAMES[role])} "
+                                             f"(columns: {sorted(cols)})")
+    if len(found) > 1:
+        raise DataFormatError(path, 1, role, f"several columns could hold it, {found}: name one "
+                                             f"({'time' if role == 'timestamp' else role}_col=...) or drop the others")
+    return found[0]
+
+
+def load_interactions_table(path: str | Path, *, user_col: str | None = None, item_col: str | None = None,
+                            time_col: str | None = None, engagement_cols: list[str] | None = None,
                             item_features: str | Path | None = None, user_features: str | Path | None = None,
                             item_key: str | None = None, user_key: str | None = None, positive_rule: str = "",
                             name: str | None = None) -> InteractionLog:
     """Load an interactions table (+ optional feature tables) into an :class:`InteractionLog`.
 
-    Items and users listed only in a feature table still get ids. ``positive_rule`` (see
-    :func:`onerec_fast.data.batch.parse_rule`) is stored as the log's default; empty = every interaction positive.
+    ``user_col``/``item_col``/``time_col``: the columns' names; None finds each among the common names of
+    :data:`COLUMN_NAMES` (``user``, ``user_id``, ``userId``, ...), and two candidates for one role are an error.
+    Every other column is an engagement column unless ``engagement_cols`` lists them. Items and users listed only
+    in a feature table still get ids. ``positive_rule`` (see :func:`onerec_fast.data.batch.parse_rule`) is stored
+    as the log's default; empty = every interaction positive.
     """
     p = Path(path)
     cols, lines = read_table(p)
-    for c in (user_col, item_col, time_col):
-        if c not in cols:
-            raise DataFormatError(p, 1, c, f"required column missing (columns: {sorted(cols)})")
+    user_col, item_col, time_col = (_column(p, cols, role, given) for role, given in
+                                    (("user", user_col), ("item", item_col), ("timestamp", time_col)))
     if not lines:
         raise DataFormatError(p, None, user_col, "no interactions: the table has no rows")
     eng_names = [c for c in cols if c not in (user_col, item_col, time_col)] if engagement_cols is None else list(

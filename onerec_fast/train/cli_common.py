@@ -15,8 +15,10 @@ __all__ = ["add_data_arguments", "add_device_arguments", "resolve_device", "load
 
 def add_data_arguments(parser) -> None:
     parser.add_argument("--data", default="synthetic",
-                        help="'synthetic', a MovieLens folder (e.g. ../shared/data/ml-100k), a .csv/.parquet "
-                             "interactions table or a .txt sequence file (default: synthetic)")
+                        help="'synthetic', a MovieLens folder (e.g. ../shared/data/ml-100k; ML-1M, ML-20M too), a "
+                             ".csv/.parquet interactions table (user, item and timestamp columns, found by their "
+                             "common names: user_id, userId, asin, unixReviewTime, ...) or a .txt sequence file "
+                             "(default: synthetic)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the world, tokenizer, init and data order")
     parser.add_argument("--codebook-size", type=positive_int, default=None,
                         help="codes per RQ-KMeans level (default: from the catalogue size, <= 8192)")
