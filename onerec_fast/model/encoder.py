@@ -87,8 +87,9 @@ def newest_item_slot(cfg: OneRecConfig) -> int:
     return cfg.short_len - 1
 
 
-def right_align(values: torch.Tensor, seq, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Place each user's items in ``max_len`` slots, the newest in the last slot.
+def right_align(values: torch.Tensor, seq, max_len: int, reverse: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Place each user's items in ``max_len`` slots, the newest in the last slot (``reverse``: the slots in
+    reverse order, the newest in the first slot and the empty slots last).
 
     ``values``: ``[T, ...]`` per item of a jagged pathway or ``[B, N, ...]`` of a padded one. Returns
     (``[B, max_len, ...]`` with zeros in empty slots, bool mask ``[B, max_len]``). One gather, no host sync;
@@ -99,7 +100,7 @@ def right_align(values: torch.Tensor, seq, max_len: int) -> tuple[torch.Tensor, 
     if values.numel() == 0:  # no items anywhere in the batch
         tail = tuple(values.shape[2:] if _is_padded(seq) else values.shape[1:])
         return values.new_zeros((B, max_len) + tail), torch.zeros(B, max_len, dtype=torch.bool, device=values.device)
-    slot = torch.arange(max_len, device=values.device)
+    slot = torch.arange(max_len - 1, -1, -1, device=values.device) if reverse else torch.arange(max_len, device=values.device)
     src = slot[None, :] - (max_len - lengths[:, None])  # index within the user's items; < 0: empty slot
     mask = src >= 0
     if _is_padded(seq):
@@ -250,9 +251,10 @@ class OneRecEncoder(nn.Module):
             x = torch.cat([emb(static[k]) for k, emb in zip(names, self.static_sparse.values())], dim=-1)
         return self.static_mlp(x).unsqueeze(1)
 
-    def item_tokens(self, seq, mlp: nn.Module, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """One pathway's items -> right-aligned tokens ``[B, max_len, d]`` and validity mask ``[B, max_len]``."""
-        return right_align(mlp(self.item_features(seq)), seq, max_len)
+    def item_tokens(self, seq, mlp: nn.Module, max_len: int, reverse: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """One pathway's items -> right-aligned tokens ``[B, max_len, d]`` (``reverse``: newest first, left-aligned)
+        and validity mask ``[B, max_len]``."""
+        return right_align(mlp(self.item_features(seq)), seq, max_len, reverse)
 
     def lifelong_tokens(self, seq) -> torch.Tensor:
         """Compressed lifelong items -> ``[B, num_queries, d]`` through the QFormer."""
@@ -271,11 +273,11 @@ class OneRecEncoder(nn.Module):
         B, device = lengths.numel(), short.codes.device
         s_tok = self.static_token(static, B, device)
         sh, sh_mask = self.item_tokens(short, self.short_mlp, cfg.short_len)
-        po, po_mask = self.item_tokens(positive, self.pos_mlp, cfg.pos_len)
+        po, po_mask = self.item_tokens(positive, self.pos_mlp, cfg.pos_len, reverse=True)
         ll = self.lifelong_tokens(lifelong)
-        x = self.drop(torch.cat([sh, s_tok, ll.to(s_tok.dtype), po.flip(1)], dim=1) + self.pos_emb[self.slot_rows])
+        x = self.drop(torch.cat([sh, s_tok, ll.to(s_tok.dtype), po], dim=1) + self.pos_emb[self.slot_rows])
         ones = torch.ones(B, 1, dtype=torch.bool, device=device)
-        mask = torch.cat([sh_mask, ones, ones.expand(B, cfg.num_queries), po_mask.flip(1)], dim=1)
+        mask = torch.cat([sh_mask, ones, ones.expand(B, cfg.num_queries), po_mask], dim=1)
         key_mask = mask[:, None, None, :]  # [B, 1, 1, S]: padding never serves as a key
         # the same keys as one run of slots: the short items right-aligned before the static token, the
         # positive items left-aligned after the queries (check_batch bounds both lengths by their slots)

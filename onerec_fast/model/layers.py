@@ -59,7 +59,8 @@ class Attention(nn.Module):
         q = split_heads(self.q(x), self.n_heads)
         p = self.dropout if self.training else 0.0
         if window is not None and not causal and p == 0.0 and q.is_cuda and runs_fused(q, self.backend):
-            out = padded_cross_attention(q, k.transpose(1, 2), v.transpose(1, 2), window[1], backend=self.backend,
+            # runs_fused resolved the backend ("auto" and the environment included): not again per call
+            out = padded_cross_attention(q, k.transpose(1, 2), v.transpose(1, 2), window[1], backend="triton",
                                          validate=False, key_starts=window[0])
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=p)
