@@ -182,7 +182,8 @@ def _window_case(device, dtype, batch, length, heads, head_dim, backward, quick)
         slot = torch.arange(length, device=device)
         lo_d, hi_d = lo.to(device), hi.to(device)
         mask = (slot[None] >= lo_d[:, None]) & (slot[None] < hi_d[:, None])
-        return {"qkv": qkv, "dout": dout, "leaves": [qkv], "lo": lo_d, "hi": hi_d, "mask": mask}
+        return {"qkv": qkv, "dout": dout, "leaves": [qkv], "lo": lo_d, "hi": hi_d, "mask": mask,
+                "starts": lo_d.int(), "lens": (hi_d - lo_d).int()}  # the model's int32 window
 
     def heads_first(x):  # q, k, v: [B, H, S, D] views of the projection, as the model's split_heads gives
         return [t.transpose(1, 2) for t in x["qkv"].unbind(2)]
@@ -191,8 +192,8 @@ def _window_case(device, dtype, batch, length, heads, head_dim, backward, quick)
         def make(x):
             def run():
                 q, k, v = heads_first(x)
-                return padded_cross_attention(q, k.transpose(1, 2), v.transpose(1, 2), (x["hi"] - x["lo"]).int(),
-                                              backend=backend, validate=False, key_starts=x["lo"].int())
+                return padded_cross_attention(q, k.transpose(1, 2), v.transpose(1, 2), x["lens"], backend=backend,
+                                              validate=False, key_starts=x["starts"])
             return _timed(run, x, backward)
         return make
 
