@@ -1,5 +1,5 @@
 """Encoder self-attention of the 0.015b step on Amazon Sports (256 users x 199 slots, 5 heads of 32, bf16),
-the forward replayed from a CUDA graph (as the graphed training step runs it), forward+backward eagerly.
+forward+backward, each path replayed from a CUDA graph (the graphed training step runs it so).
 Each user's real keys form one window [lo, hi) (the layout with the padding at both ends).
 
   sdpa_mask  -- F.scaled_dot_product_attention with a bool key mask [B, 1, 1, S] (the model today: cuDNN)
@@ -7,6 +7,7 @@ Each user's real keys form one window [lo, hi) (the layout with the padding at b
   triton     -- onerec_fast padded_cross_attention, key_starts = lo, seqlens_k = hi - lo
   flex       -- FlexAttention (compiled) with a block mask of the window
 """
+import statistics
 import sys
 
 import torch
@@ -72,9 +73,8 @@ for name, fn in paths.items():
             return torch.autograd.grad(y, x, dy) if bwd else y
         try:
             out = run()
-            # call 1: capturing the backward failed (cudaErrorStreamCaptureInvalidated) and poisoned the
-            # captures after it, so forward+backward is timed eagerly (GPU-bound at this size)
-            t = time_fn(run if bwd else capture_cuda_graph(run).replay, dev, warmup=5, rep=30).median_ms
+            gr = capture_cuda_graph(run)
+            t = time_fn(gr.replay, dev, warmup=5, rep=30).median_ms
         except Exception as e:  # noqa: BLE001
             print(f"{name} {'fwd+bwd' if bwd else 'fwd'}: failed {type(e).__name__}: {str(e)[:200]}")
             continue
